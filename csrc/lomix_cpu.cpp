@@ -1,0 +1,724 @@
+// Fused LoMix loss kernels for the CPU (SPEC §3-§5, §7).
+//
+// Plain C ABI (no torch headers): Python hands raw pointers through ctypes.
+//
+// Forward: each work item is a fixed chunk of pixels of one sample. It walks the chunk in tiles
+// of TP pixels; per tile it loads all L stages once (converted to float32), builds every map in
+// a small buffer, and accumulates the per-map per-class sums (CE, I, Z) plus the target sums.
+// Backward: same walk; recomputes each map, forms dL/dz_u from the statistic gradients, pushes it
+// through the operator into per-stage tile gradients (written once per tile) and per-item
+// parameter partials. Partials are reduced over items in a fixed order: results do not depend
+// on the thread count or schedule (no float atomics).
+//
+// Layouts: logits[i] is (B, C, P) contiguous, P = pixels per sample; pixels of one class are
+// contiguous, so the innermost loops run over TP pixels and vectorize.
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <vector>
+
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+
+namespace {
+
+constexpr int TP = 64;  // pixels per tile
+
+// ---- keep in sync with lomix_kernels/cpu.py ------------------------------------------------
+enum Op : int32_t { OP_ORIG = 0, OP_ADD = 1, OP_MULT = 2, OP_CAT = 3, OP_AWF = 4 };
+enum DType : int32_t { DT_F32 = 0, DT_F16 = 1, DT_BF16 = 2 };
+enum TargetKind : int32_t { TK_U8 = 0, TK_I16 = 1, TK_I32 = 2, TK_I64 = 3, TK_SOFT_F32 = 4 };
+enum Err : int32_t { ERR_NONE = 0, ERR_CLASS = 1, ERR_LOGIT = 2, ERR_WEIGHT = 3, ERR_SOFT = 4 };
+
+struct Problem {
+  int64_t batch, classes, pixels;  // B, C, P (pixels per sample)
+  int32_t num_stages, num_maps, num_subsets;
+  int32_t logit_dtype;             // DType
+  int32_t target_kind;             // TargetKind
+  int32_t sigmoid;                 // 0 softmax, 1 sigmoid
+  int32_t q;                       // Dice exponent, 1 or 2
+  int32_t has_ignore;
+  int64_t ignore_index;
+  int32_t num_labels;              // valid integer labels: C, or 2 for binary sigmoid (C = 1)
+  int32_t num_threads;
+  const void* const* logits;       // L pointers, (B, C, P)
+  const void* target;              // (B, P) integers or (B, C, P) float32
+  const float* pixel_weight;       // (B, P) or null
+  const int32_t* map_op;           // (M,) Op
+  const int32_t* map_arg;          // (M,) stage index for OP_ORIG, subset index otherwise
+  const int32_t* subset_size;      // (S,)
+  const int32_t* subset_members;   // concatenated members, subset order
+  const float* cat_w;              // packed per subset: (C, |S|C) then next subset
+  const float* cat_b;              // packed per subset: (C,)
+  const float* awf_v;              // packed per subset: (|S|, |S|C)
+  const float* awf_c;              // packed per subset: (|S|,)
+};
+// ---------------------------------------------------------------------------------------------
+
+// ---- scalar conversions (branch-free, vectorizable) -----------------------------------------
+inline float f_from_bits(uint32_t w) { float f; std::memcpy(&f, &w, 4); return f; }
+inline uint32_t bits_from_f(float f) { uint32_t w; std::memcpy(&w, &f, 4); return w; }
+
+inline float half_to_float(uint16_t h) {
+  const uint32_t w = (uint32_t)h << 16;
+  const uint32_t sign = w & 0x80000000u;
+  const uint32_t two_w = w + w;
+  const float normalized = f_from_bits((two_w >> 4) + (0xE0u << 23)) * 0x1.0p-112f;
+  const float denormalized = f_from_bits((two_w >> 17) | (126u << 23)) - 0.5f;
+  const uint32_t r = sign | (two_w < (1u << 27) ? bits_from_f(denormalized) : bits_from_f(normalized));
+  return f_from_bits(r);
+}
+inline uint16_t float_to_half(float f) {
+  float base = (std::fabs(f) * 0x1.0p+112f) * 0x1.0p-110f;
+  const uint32_t w = bits_from_f(f);
+  const uint32_t shl1_w = w + w;
+  const uint32_t sign = w & 0x80000000u;
+  uint32_t bias = shl1_w & 0xFF000000u;
+  if (bias < 0x71000000u) bias = 0x71000000u;
+  base = f_from_bits((bias >> 1) + 0x07800000u) + base;
+  const uint32_t bits = bits_from_f(base);
+  const uint32_t exp_bits = (bits >> 13) & 0x00007C00u;
+  const uint32_t mantissa_bits = bits & 0x00000FFFu;
+  return (uint16_t)((sign >> 16) | (shl1_w > 0xFF000000u ? 0x7E00u : exp_bits + mantissa_bits));
+}
+inline float bf16_to_float(uint16_t h) { return f_from_bits((uint32_t)h << 16); }
+inline uint16_t float_to_bf16(float f) {
+  uint32_t u = bits_from_f(f);
+  if ((u & 0x7FFFFFFFu) > 0x7F800000u) return 0x7FC0;  // NaN
+  u += 0x7FFFu + ((u >> 16) & 1u);                      // round to nearest even
+  return (uint16_t)(u >> 16);
+}
+
+// ---- exp / log with polynomial kernels (Cephes), written so gcc vectorizes them -------------
+inline float fast_exp(float x) {
+  x = std::min(std::max(x, -87.3f), 88.7f);
+  const float shifter = 12582912.0f;  // 1.5 * 2^23: round-to-nearest by addition
+  const float t = x * 1.44269504088896341f + shifter;
+  const float n = t - shifter;
+  float r = x - n * 0.693359375f;
+  r = r + n * 2.12194440e-4f;
+  float y = 1.9875691500e-4f;
+  y = y * r + 1.3981999507e-3f;
+  y = y * r + 8.3334519073e-3f;
+  y = y * r + 4.1665795894e-2f;
+  y = y * r + 1.6666665459e-1f;
+  y = y * r + 5.0000001201e-1f;
+  y = y * (r * r) + r + 1.0f;
+  const int32_t e = (int32_t)n + 127;
+  return y * f_from_bits((uint32_t)e << 23);
+}
+inline float fast_log(float x) {  // x > 0, finite, normal
+  const uint32_t u = bits_from_f(x);
+  float e = (float)((int32_t)((u >> 23) & 0xFF) - 126);
+  float m = f_from_bits((u & 0x007FFFFFu) | 0x3F000000u);  // [0.5, 1)
+  const bool small = m < 0.707106781186547524f;
+  e = small ? e - 1.0f : e;
+  m = small ? m + m - 1.0f : m - 1.0f;
+  const float z = m * m;
+  float y = 7.0376836292e-2f;
+  y = y * m - 1.1514610310e-1f;
+  y = y * m + 1.1676998740e-1f;
+  y = y * m - 1.2420140846e-1f;
+  y = y * m + 1.4249322787e-1f;
+  y = y * m - 1.6668057665e-1f;
+  y = y * m + 2.0000714765e-1f;
+  y = y * m - 2.4999993993e-1f;
+  y = y * m + 3.3333331174e-1f;
+  y = y * m * z;
+  y += -2.12194440e-4f * e;
+  y += -0.5f * z;
+  return m + y + 0.693359375f * e;
+}
+inline float fast_log1p(float e) {  // e in [0, 1]: log(1 + e) without losing small e
+  const float u = 1.0f + e;
+  const float d = u - 1.0f;
+  return d == 0.0f ? e : fast_log(u) * (e / d);
+}
+
+// ---- derived layout ---------------------------------------------------------------------------
+struct Layout {
+  int L, C, M, S;
+  std::vector<int> sub_start;        // offset of each subset into subset_members
+  std::vector<int64_t> cat_w_off, cat_b_off, awf_v_off, awf_c_off;
+  int64_t cat_w_n = 0, cat_b_n = 0, awf_v_n = 0, awf_c_n = 0;
+  int max_k = 1;
+  explicit Layout(const Problem& p) : L(p.num_stages), C((int)p.classes), M(p.num_maps), S(p.num_subsets) {
+    int start = 0;
+    for (int j = 0; j < S; ++j) {
+      const int k = p.subset_size[j];
+      max_k = std::max(max_k, k);
+      sub_start.push_back(start);
+      start += k;
+      cat_w_off.push_back(cat_w_n); cat_w_n += (int64_t)C * k * C;
+      cat_b_off.push_back(cat_b_n); cat_b_n += C;
+      awf_v_off.push_back(awf_v_n); awf_v_n += (int64_t)k * k * C;
+      awf_c_off.push_back(awf_c_n); awf_c_n += k;
+    }
+  }
+  int64_t num_params() const { return cat_w_n + cat_b_n + awf_v_n + awf_c_n; }
+};
+
+// Work items: sample b, pixel range [p0, p1). Depends only on (B, P): fixed reduction order.
+struct Item { int64_t b, p0, p1; };
+std::vector<Item> make_items(const Problem& p) {
+  const int64_t tiles = (p.pixels + TP - 1) / TP;
+  int64_t per_sample = std::max<int64_t>(1, (256 + p.batch - 1) / p.batch);
+  per_sample = std::min(per_sample, tiles);
+  const int64_t tiles_per_chunk = (tiles + per_sample - 1) / per_sample;
+  std::vector<Item> items;
+  for (int64_t b = 0; b < p.batch; ++b)
+    for (int64_t t0 = 0; t0 < tiles; t0 += tiles_per_chunk)
+      items.push_back({b, t0 * TP, std::min(p.pixels, (t0 + tiles_per_chunk) * TP)});
+  return items;
+}
+
+// Per-thread tile buffers.
+struct Tile {
+  int L, C, n = 0;                 // n valid pixels in the current tile
+  std::vector<float> x, t, z, s, g, gx, score, alpha, dalpha;
+  float w[TP], m[TP], inv[TP], lse[TP], dot[TP], acc[TP];
+  Tile(int L_, int C_, int max_k) : L(L_), C(C_), x((size_t)L_ * C_ * TP), t((size_t)C_ * TP),
+      z((size_t)C_ * TP), s((size_t)C_ * TP), g((size_t)C_ * TP), gx((size_t)L_ * C_ * TP),
+      score((size_t)max_k * TP), alpha((size_t)max_k * TP), dalpha((size_t)max_k * TP) {}
+  float* xs(int stage, int c) { return &x[((size_t)stage * C + c) * TP]; }
+  float* gxs(int stage, int c) { return &gx[((size_t)stage * C + c) * TP]; }
+};
+
+struct ItemError { int32_t code = ERR_NONE; int64_t value = 0; };
+
+template <typename T>
+inline void load_labels(const T* src, int n, int64_t* dst) {
+  for (int p = 0; p < n; ++p) dst[p] = (int64_t)src[p];
+}
+
+// Load logits, target and pixel weights of tile [p0, p0 + n) of sample b into `tl`.
+// Pads the tail with zeros (w = 0). Reports the first bad value in `err` when `check`.
+void load_tile(const Problem& pr, int64_t b, int64_t p0, int n, Tile& tl, bool check, ItemError& err) {
+  const int L = pr.num_stages, C = (int)pr.classes;
+  const int64_t P = pr.pixels;
+  tl.n = n;
+  for (int i = 0; i < L; ++i) {
+    for (int c = 0; c < C; ++c) {
+      float* dst = tl.xs(i, c);
+      const int64_t off = (b * C + c) * P + p0;
+      switch (pr.logit_dtype) {
+        case DT_F32: { const float* src = (const float*)pr.logits[i] + off; for (int p = 0; p < n; ++p) dst[p] = src[p]; break; }
+        case DT_F16: { const uint16_t* src = (const uint16_t*)pr.logits[i] + off; for (int p = 0; p < n; ++p) dst[p] = half_to_float(src[p]); break; }
+        default:     { const uint16_t* src = (const uint16_t*)pr.logits[i] + off; for (int p = 0; p < n; ++p) dst[p] = bf16_to_float(src[p]); break; }
+      }
+      for (int p = n; p < TP; ++p) dst[p] = 0.0f;
+      if (check && err.code == ERR_NONE) {
+        int bad = 0;
+        for (int p = 0; p < n; ++p) bad |= !(dst[p] - dst[p] == 0.0f);
+        if (bad) { err.code = ERR_LOGIT; err.value = i; }
+      }
+    }
+  }
+  if (pr.target_kind == TK_SOFT_F32) {
+    for (int c = 0; c < C; ++c) {
+      const float* src = (const float*)pr.target + (b * C + c) * P + p0;
+      float* dst = &tl.t[(size_t)c * TP];
+      int bad = 0;
+      for (int p = 0; p < n; ++p) {
+        dst[p] = src[p];
+        bad |= !(src[p] >= 0.0f && src[p] - src[p] == 0.0f) || (pr.sigmoid && src[p] > 1.0f);
+      }
+      for (int p = n; p < TP; ++p) dst[p] = 0.0f;
+      if (check && bad && err.code == ERR_NONE) err.code = ERR_SOFT;
+    }
+    for (int p = 0; p < TP; ++p) tl.w[p] = p < n ? 1.0f : 0.0f;
+  } else {
+    int64_t y[TP];
+    const int64_t off = b * P + p0;
+    switch (pr.target_kind) {
+      case TK_U8:  load_labels((const uint8_t*)pr.target + off, n, y); break;
+      case TK_I16: load_labels((const int16_t*)pr.target + off, n, y); break;
+      case TK_I32: load_labels((const int32_t*)pr.target + off, n, y); break;
+      default:     load_labels((const int64_t*)pr.target + off, n, y); break;
+    }
+    for (int p = n; p < TP; ++p) y[p] = 0;
+    for (int p = 0; p < TP; ++p) {
+      const bool ignored = p >= n || (pr.has_ignore && y[p] == pr.ignore_index);
+      if (!ignored && (y[p] < 0 || y[p] >= pr.num_labels)) {
+        if (check && err.code == ERR_NONE) { err.code = ERR_CLASS; err.value = y[p]; }
+        y[p] = 0;
+      }
+      tl.w[p] = ignored ? 0.0f : 1.0f;
+      if (ignored) y[p] = -1;
+    }
+    if (pr.num_labels != C) {  // binary sigmoid: the label itself is the target of the one channel
+      for (int p = 0; p < TP; ++p) tl.t[p] = y[p] == 1 ? 1.0f : 0.0f;
+    } else {
+      for (int c = 0; c < C; ++c) {
+        float* dst = &tl.t[(size_t)c * TP];
+        for (int p = 0; p < TP; ++p) dst[p] = y[p] == c ? 1.0f : 0.0f;
+      }
+    }
+  }
+  if (pr.pixel_weight) {
+    const float* src = pr.pixel_weight + b * P + p0;
+    int bad = 0;
+    for (int p = 0; p < n; ++p) {
+      bad |= !(src[p] >= 0.0f && src[p] - src[p] == 0.0f);
+      tl.w[p] *= src[p];
+    }
+    if (check && bad && err.code == ERR_NONE) err.code = ERR_WEIGHT;
+  }
+}
+
+// Build map u of the current tile. Returns a pointer to its C×TP logits (either a stage's
+// buffer for OP_ORIG, or tl.z). For OP_AWF, tl.alpha holds the k×TP attention weights.
+const float* build_map(const Problem& pr, const Layout& ly, int u, Tile& tl) {
+  const int C = ly.C;
+  const int op = pr.map_op[u], arg = pr.map_arg[u];
+  if (op == OP_ORIG) return tl.xs(arg, 0);
+  const int k = pr.subset_size[arg];
+  const int32_t* mem = pr.subset_members + ly.sub_start[arg];
+  float* z = tl.z.data();
+  switch (op) {
+    case OP_ADD:
+    case OP_MULT: {
+      std::memcpy(z, tl.xs(mem[0], 0), sizeof(float) * C * TP);
+      for (int j = 1; j < k; ++j) {
+        const float* xj = tl.xs(mem[j], 0);
+        if (op == OP_ADD) {
+          for (int e = 0; e < C * TP; ++e) z[e] += xj[e];
+        } else {
+          for (int e = 0; e < C * TP; ++e) z[e] *= xj[e];
+        }
+      }
+      break;
+    }
+    case OP_CAT: {
+      const float* W = pr.cat_w + ly.cat_w_off[arg];
+      const float* bias = pr.cat_b + ly.cat_b_off[arg];
+      const int K = k * C;
+      for (int c = 0; c < C; ++c) {
+        float* zr = z + (size_t)c * TP;
+        for (int p = 0; p < TP; ++p) zr[p] = bias[c];
+        for (int j = 0; j < k; ++j)
+          for (int c2 = 0; c2 < C; ++c2) {
+            const float wv = W[(size_t)c * K + j * C + c2];
+            const float* xr = tl.xs(mem[j], c2);
+            for (int p = 0; p < TP; ++p) zr[p] += wv * xr[p];
+          }
+      }
+      break;
+    }
+    case OP_AWF: {
+      const float* V = pr.awf_v + ly.awf_v_off[arg];
+      const float* cb = pr.awf_c + ly.awf_c_off[arg];
+      const int K = k * C;
+      float* a = tl.score.data();
+      float* al = tl.alpha.data();
+      for (int r = 0; r < k; ++r) {
+        float* ar = a + (size_t)r * TP;
+        for (int p = 0; p < TP; ++p) ar[p] = cb[r];
+        for (int j = 0; j < k; ++j)
+          for (int c2 = 0; c2 < C; ++c2) {
+            const float wv = V[(size_t)r * K + j * C + c2];
+            if (wv == 0.0f) continue;  // official parameterization: V_S is block-diagonal
+            const float* xr = tl.xs(mem[j], c2);
+            for (int p = 0; p < TP; ++p) ar[p] += wv * xr[p];
+          }
+      }
+      for (int p = 0; p < TP; ++p) tl.m[p] = a[p];
+      for (int r = 1; r < k; ++r)
+        for (int p = 0; p < TP; ++p) tl.m[p] = std::max(tl.m[p], a[(size_t)r * TP + p]);
+      for (int p = 0; p < TP; ++p) tl.acc[p] = 0.0f;
+      for (int r = 0; r < k; ++r)
+        for (int p = 0; p < TP; ++p) {
+          const float e = fast_exp(a[(size_t)r * TP + p] - tl.m[p]);
+          al[(size_t)r * TP + p] = e;
+          tl.acc[p] += e;
+        }
+      for (int p = 0; p < TP; ++p) tl.inv[p] = 1.0f / tl.acc[p];
+      for (int r = 0; r < k; ++r)
+        for (int p = 0; p < TP; ++p) al[(size_t)r * TP + p] *= tl.inv[p];
+      for (int c = 0; c < C; ++c) {
+        float* zr = z + (size_t)c * TP;
+        for (int p = 0; p < TP; ++p) zr[p] = 0.0f;
+        for (int j = 0; j < k; ++j) {
+          const float* xr = tl.xs(mem[j], c);
+          const float* ar = al + (size_t)j * TP;
+          for (int p = 0; p < TP; ++p) zr[p] += ar[p] * xr[p];
+        }
+      }
+      break;
+    }
+  }
+  return z;
+}
+
+// Activation of map logits z (C×TP) into tl.s. Softmax also leaves lse in tl.lse.
+void activate(const Problem& pr, const float* z, Tile& tl) {
+  const int C = (int)pr.classes;
+  float* s = tl.s.data();
+  if (pr.sigmoid) {
+    for (int e = 0; e < C * TP; ++e) {
+      const float ez = fast_exp(-std::fabs(z[e]));
+      const float iv = 1.0f / (1.0f + ez);
+      s[e] = z[e] >= 0.0f ? iv : ez * iv;
+    }
+    return;
+  }
+  for (int p = 0; p < TP; ++p) tl.m[p] = z[p];
+  for (int c = 1; c < C; ++c)
+    for (int p = 0; p < TP; ++p) tl.m[p] = std::max(tl.m[p], z[(size_t)c * TP + p]);
+  for (int p = 0; p < TP; ++p) tl.acc[p] = 0.0f;
+  for (int c = 0; c < C; ++c)
+    for (int p = 0; p < TP; ++p) {
+      const float e = fast_exp(z[(size_t)c * TP + p] - tl.m[p]);
+      s[(size_t)c * TP + p] = e;
+      tl.acc[p] += e;
+    }
+  for (int p = 0; p < TP; ++p) {
+    tl.inv[p] = 1.0f / tl.acc[p];
+    tl.lse[p] = tl.m[p] + fast_log(tl.acc[p]);
+  }
+  for (int c = 0; c < C; ++c)
+    for (int p = 0; p < TP; ++p) s[(size_t)c * TP + p] *= tl.inv[p];
+}
+
+// Accumulate the sums of one map (z, tl.s) into ce/inter/zsum (C each, double).
+void accumulate_stats(const Problem& pr, const float* z, Tile& tl, double* ce, double* inter, double* zsum) {
+  const int C = (int)pr.classes;
+  const float* s = tl.s.data();
+  const float* w = tl.w;
+  for (int c = 0; c < C; ++c) {
+    const float* zr = z + (size_t)c * TP;
+    const float* sr = s + (size_t)c * TP;
+    const float* tr = &tl.t[(size_t)c * TP];
+    float a_ce = 0.0f, a_i = 0.0f, a_z = 0.0f;
+    if (pr.sigmoid) {
+#pragma omp simd reduction(+ : a_ce, a_i, a_z)
+      for (int p = 0; p < TP; ++p) {
+        const float bce = std::max(zr[p], 0.0f) - zr[p] * tr[p] + fast_log1p(fast_exp(-std::fabs(zr[p])));
+        a_ce += w[p] * bce;
+        a_i += w[p] * sr[p] * tr[p];
+        a_z += w[p] * (pr.q == 2 ? sr[p] * sr[p] : sr[p]);
+      }
+    } else {
+#pragma omp simd reduction(+ : a_ce, a_i, a_z)
+      for (int p = 0; p < TP; ++p) {
+        a_ce += w[p] * tr[p] * (tl.lse[p] - zr[p]);
+        a_i += w[p] * sr[p] * tr[p];
+        a_z += w[p] * (pr.q == 2 ? sr[p] * sr[p] : sr[p]);
+      }
+    }
+    ce[c] += a_ce;
+    inter[c] += a_i;
+    zsum[c] += a_z;
+  }
+}
+
+// dL/dz_u (C×TP) into tl.g from the statistic gradients of map u, sample b (C each).
+void map_grad(const Problem& pr, Tile& tl, const float* gce, const float* gi, const float* gz) {
+  const int C = (int)pr.classes;
+  const float* s = tl.s.data();
+  float* g = tl.g.data();
+  const float* w = tl.w;
+  const float qf = (float)pr.q;
+  if (pr.sigmoid) {
+    for (int c = 0; c < C; ++c) {
+      const float* sr = s + (size_t)c * TP;
+      const float* tr = &tl.t[(size_t)c * TP];
+      float* gr = g + (size_t)c * TP;
+      for (int p = 0; p < TP; ++p) {
+        const float gs = gi[c] * tr[p] + gz[c] * (pr.q == 2 ? qf * sr[p] : 1.0f);
+        gr[p] = w[p] * (gs * sr[p] * (1.0f - sr[p]) + gce[c] * (sr[p] - tr[p]));
+      }
+    }
+    return;
+  }
+  for (int p = 0; p < TP; ++p) { tl.dot[p] = 0.0f; tl.acc[p] = 0.0f; }
+  for (int c = 0; c < C; ++c) {
+    const float* sr = s + (size_t)c * TP;
+    const float* tr = &tl.t[(size_t)c * TP];
+    float* gr = g + (size_t)c * TP;
+    for (int p = 0; p < TP; ++p) {
+      const float gs = gi[c] * tr[p] + gz[c] * (pr.q == 2 ? qf * sr[p] : 1.0f);
+      gr[p] = gs;
+      tl.dot[p] += gs * sr[p];
+      tl.acc[p] += gce[c] * tr[p];
+    }
+  }
+  for (int c = 0; c < C; ++c) {
+    const float* sr = s + (size_t)c * TP;
+    const float* tr = &tl.t[(size_t)c * TP];
+    float* gr = g + (size_t)c * TP;
+    for (int p = 0; p < TP; ++p)
+      gr[p] = w[p] * (sr[p] * (gr[p] - tl.dot[p]) + tl.acc[p] * sr[p] - gce[c] * tr[p]);
+  }
+}
+
+inline float dot_tp(const float* a, const float* b) {
+  float acc = 0.0f;
+#pragma omp simd reduction(+ : acc)
+  for (int p = 0; p < TP; ++p) acc += a[p] * b[p];
+  return acc;
+}
+inline float sum_tp(const float* a) {
+  float acc = 0.0f;
+#pragma omp simd reduction(+ : acc)
+  for (int p = 0; p < TP; ++p) acc += a[p];
+  return acc;
+}
+
+// Push tl.g (dL/dz_u) through the operator of map u into tl.gx and the parameter partials.
+void op_backward(const Problem& pr, const Layout& ly, int u, Tile& tl, double* dparams) {
+  const int C = ly.C;
+  const int op = pr.map_op[u], arg = pr.map_arg[u];
+  const float* g = tl.g.data();
+  if (op == OP_ORIG) {
+    float* gx = tl.gxs(arg, 0);
+    for (int e = 0; e < C * TP; ++e) gx[e] += g[e];
+    return;
+  }
+  const int k = pr.subset_size[arg];
+  const int32_t* mem = pr.subset_members + ly.sub_start[arg];
+  const int K = k * C;
+  switch (op) {
+    case OP_ADD:
+      for (int j = 0; j < k; ++j) {
+        float* gx = tl.gxs(mem[j], 0);
+        for (int e = 0; e < C * TP; ++e) gx[e] += g[e];
+      }
+      break;
+    case OP_MULT:
+      for (int j = 0; j < k; ++j) {  // d/dz_j = g · Π_{i≠j} z_i (no division)
+        float* gx = tl.gxs(mem[j], 0);
+        float* tmp = tl.z.data();
+        std::memcpy(tmp, g, sizeof(float) * C * TP);
+        for (int i = 0; i < k; ++i) {
+          if (i == j) continue;
+          const float* xi = tl.xs(mem[i], 0);
+          for (int e = 0; e < C * TP; ++e) tmp[e] *= xi[e];
+        }
+        for (int e = 0; e < C * TP; ++e) gx[e] += tmp[e];
+      }
+      break;
+    case OP_CAT: {
+      const float* W = pr.cat_w + ly.cat_w_off[arg];
+      double* dW = dparams + ly.cat_w_off[arg];
+      double* db = dparams + ly.cat_w_n + ly.cat_b_off[arg];
+      for (int c = 0; c < C; ++c) {
+        const float* gr = g + (size_t)c * TP;
+        db[c] += sum_tp(gr);
+        for (int j = 0; j < k; ++j)
+          for (int c2 = 0; c2 < C; ++c2) dW[(size_t)c * K + j * C + c2] += dot_tp(gr, tl.xs(mem[j], c2));
+      }
+      for (int j = 0; j < k; ++j)
+        for (int c2 = 0; c2 < C; ++c2) {
+          float* gx = tl.gxs(mem[j], c2);
+          for (int c = 0; c < C; ++c) {
+            const float wv = W[(size_t)c * K + j * C + c2];
+            const float* gr = g + (size_t)c * TP;
+            for (int p = 0; p < TP; ++p) gx[p] += wv * gr[p];
+          }
+        }
+      break;
+    }
+    case OP_AWF: {
+      const float* V = pr.awf_v + ly.awf_v_off[arg];
+      double* dV = dparams + ly.cat_w_n + ly.cat_b_n + ly.awf_v_off[arg];
+      double* dc = dparams + ly.cat_w_n + ly.cat_b_n + ly.awf_v_n + ly.awf_c_off[arg];
+      const float* al = tl.alpha.data();
+      float* da = tl.dalpha.data();
+      for (int j = 0; j < k; ++j) {  // dz_{s_j} += α_j g ; dα_j = <g, z_{s_j}>
+        float* dar = da + (size_t)j * TP;
+        const float* ar = al + (size_t)j * TP;
+        for (int p = 0; p < TP; ++p) dar[p] = 0.0f;
+        for (int c = 0; c < C; ++c) {
+          const float* gr = g + (size_t)c * TP;
+          const float* xr = tl.xs(mem[j], c);
+          float* gx = tl.gxs(mem[j], c);
+          for (int p = 0; p < TP; ++p) {
+            gx[p] += ar[p] * gr[p];
+            dar[p] += gr[p] * xr[p];
+          }
+        }
+      }
+      for (int p = 0; p < TP; ++p) tl.dot[p] = 0.0f;  // da = α ⊙ (dα − <α, dα>)
+      for (int j = 0; j < k; ++j)
+        for (int p = 0; p < TP; ++p) tl.dot[p] += al[(size_t)j * TP + p] * da[(size_t)j * TP + p];
+      for (int j = 0; j < k; ++j)
+        for (int p = 0; p < TP; ++p) da[(size_t)j * TP + p] = al[(size_t)j * TP + p] * (da[(size_t)j * TP + p] - tl.dot[p]);
+      for (int r = 0; r < k; ++r) {
+        const float* dar = da + (size_t)r * TP;
+        dc[r] += sum_tp(dar);
+        for (int j = 0; j < k; ++j)
+          for (int c2 = 0; c2 < C; ++c2) {
+            dV[(size_t)r * K + j * C + c2] += dot_tp(dar, tl.xs(mem[j], c2));
+          }
+      }
+      for (int j = 0; j < k; ++j)
+        for (int c2 = 0; c2 < C; ++c2) {
+          float* gx = tl.gxs(mem[j], c2);
+          for (int r = 0; r < k; ++r) {
+            const float wv = V[(size_t)r * K + j * C + c2];
+            if (wv == 0.0f) continue;
+            const float* dar = da + (size_t)r * TP;
+            for (int p = 0; p < TP; ++p) gx[p] += wv * dar[p];
+          }
+        }
+      break;
+    }
+  }
+}
+
+int num_threads(const Problem& pr) {
+#ifdef _OPENMP
+  return pr.num_threads > 0 ? pr.num_threads : omp_get_max_threads();
+#else
+  (void)pr;
+  return 1;
+#endif
+}
+
+int first_error(const std::vector<ItemError>& errs, int64_t* err_value) {
+  for (const ItemError& e : errs)
+    if (e.code != ERR_NONE) { *err_value = e.value; return e.code; }
+  return ERR_NONE;
+}
+
+}  // namespace
+
+extern "C" {
+
+int lomix_cpu_abi_version() { return 1; }
+
+// Forward sums. Outputs (float32): ce, inter, zsum (M, B, C); tsum, tpow (B, C); count (B,).
+// Returns an Err code (0 = ok); *err_value holds the offending class index / stage.
+int lomix_cpu_forward(const Problem* prp, float* ce, float* inter, float* zsum, float* tsum,
+                      float* tpow, float* count, int64_t* err_value) {
+  const Problem& pr = *prp;
+  const Layout ly(pr);
+  const int C = ly.C, M = ly.M;
+  const std::vector<Item> items = make_items(pr);
+  const int64_t nI = (int64_t)items.size();
+  const size_t map_block = (size_t)3 * M * C;   // ce, inter, zsum per map and class
+  const size_t item_block = map_block + 2 * C + 1;  // + tsum, tpow, count
+  std::vector<double> part((size_t)nI * item_block, 0.0);
+  std::vector<ItemError> errs(nI);
+
+#pragma omp parallel num_threads(num_threads(pr))
+  {
+    Tile tl(ly.L, C, ly.max_k);
+#pragma omp for schedule(dynamic, 1)
+    for (int64_t it = 0; it < nI; ++it) {
+      const Item item = items[it];
+      double* acc = &part[(size_t)it * item_block];
+      for (int64_t p0 = item.p0; p0 < item.p1; p0 += TP) {
+        const int n = (int)std::min<int64_t>(TP, item.p1 - p0);
+        load_tile(pr, item.b, p0, n, tl, true, errs[it]);
+        if (errs[it].code != ERR_NONE) break;
+        for (int u = 0; u < M; ++u) {
+          const float* z = build_map(pr, ly, u, tl);
+          activate(pr, z, tl);
+          double* a = acc + (size_t)u * 3 * C;
+          accumulate_stats(pr, z, tl, a, a + C, a + 2 * C);
+        }
+        double* tg = acc + map_block;
+        for (int c = 0; c < C; ++c) {
+          const float* tr = &tl.t[(size_t)c * TP];
+          float s1 = 0.0f, sq = 0.0f;
+          for (int p = 0; p < TP; ++p) {
+            s1 += tl.w[p] * tr[p];
+            sq += tl.w[p] * (pr.q == 2 ? tr[p] * tr[p] : tr[p]);
+          }
+          tg[c] += s1;
+          tg[C + c] += sq;
+        }
+        tg[2 * C] += sum_tp(tl.w);
+      }
+    }
+  }
+  const int code = first_error(errs, err_value);
+  if (code != ERR_NONE) return code;
+
+  const int64_t B = pr.batch;
+  std::vector<double> red((size_t)B * item_block, 0.0);
+  for (int64_t it = 0; it < nI; ++it) {  // fixed order
+    const double* src = &part[(size_t)it * item_block];
+    double* dst = &red[(size_t)items[it].b * item_block];
+    for (size_t e = 0; e < item_block; ++e) dst[e] += src[e];
+  }
+  for (int64_t b = 0; b < B; ++b) {
+    const double* r = &red[(size_t)b * item_block];
+    for (int u = 0; u < M; ++u)
+      for (int c = 0; c < C; ++c) {
+        const size_t o = ((size_t)u * B + b) * C + c;
+        ce[o] = (float)r[(size_t)u * 3 * C + c];
+        inter[o] = (float)r[(size_t)u * 3 * C + C + c];
+        zsum[o] = (float)r[(size_t)u * 3 * C + 2 * C + c];
+      }
+    for (int c = 0; c < C; ++c) {
+      tsum[b * C + c] = (float)r[map_block + c];
+      tpow[b * C + c] = (float)r[map_block + C + c];
+    }
+    count[b] = (float)r[map_block + 2 * C];
+  }
+  return ERR_NONE;
+}
+
+// Backward. Inputs: statistic gradients gce, ginter, gzsum (M, B, C) float32.
+// Outputs: grad_logits[i] (B, C, P) in the logits' dtype (written, not accumulated);
+// dparams (float32) packed as [cat_w | cat_b | awf_v | awf_c] in the Layout's order.
+int lomix_cpu_backward(const Problem* prp, const float* gce, const float* ginter, const float* gzsum,
+                       void* const* grad_logits, float* dparams) {
+  const Problem& pr = *prp;
+  const Layout ly(pr);
+  const int C = ly.C, M = ly.M, L = ly.L;
+  const int64_t B = pr.batch, P = pr.pixels;
+  const std::vector<Item> items = make_items(pr);
+  const int64_t nI = (int64_t)items.size();
+  const int64_t nP = ly.num_params();
+  std::vector<double> part((size_t)nI * nP, 0.0);
+  std::vector<ItemError> errs(nI);
+
+#pragma omp parallel num_threads(num_threads(pr))
+  {
+    Tile tl(L, C, ly.max_k);
+#pragma omp for schedule(dynamic, 1)
+    for (int64_t it = 0; it < nI; ++it) {
+      const Item item = items[it];
+      double* dp = nP ? &part[(size_t)it * nP] : nullptr;
+      for (int64_t p0 = item.p0; p0 < item.p1; p0 += TP) {
+        const int n = (int)std::min<int64_t>(TP, item.p1 - p0);
+        load_tile(pr, item.b, p0, n, tl, false, errs[it]);
+        std::fill(tl.gx.begin(), tl.gx.end(), 0.0f);
+        for (int u = 0; u < M; ++u) {
+          const size_t o = ((size_t)u * B + item.b) * C;
+          const float* z = build_map(pr, ly, u, tl);
+          activate(pr, z, tl);
+          map_grad(pr, tl, gce + o, ginter + o, gzsum + o);
+          op_backward(pr, ly, u, tl, dp);
+        }
+        for (int i = 0; i < L; ++i)
+          for (int c = 0; c < C; ++c) {
+            const float* src = tl.gxs(i, c);
+            const int64_t off = (item.b * C + c) * P + p0;
+            switch (pr.logit_dtype) {
+              case DT_F32: { float* d = (float*)grad_logits[i] + off; for (int p = 0; p < n; ++p) d[p] = src[p]; break; }
+              case DT_F16: { uint16_t* d = (uint16_t*)grad_logits[i] + off; for (int p = 0; p < n; ++p) d[p] = float_to_half(src[p]); break; }
+              default:     { uint16_t* d = (uint16_t*)grad_logits[i] + off; for (int p = 0; p < n; ++p) d[p] = float_to_bf16(src[p]); break; }
+            }
+          }
+      }
+    }
+  }
+  if (nP) {
+    std::vector<double> red((size_t)nP, 0.0);
+    for (int64_t it = 0; it < nI; ++it) {  // fixed order
+      const double* src = &part[(size_t)it * nP];
+      for (int64_t e = 0; e < nP; ++e) red[e] += src[e];
+    }
+    for (int64_t e = 0; e < nP; ++e) dparams[e] = (float)red[e];
+  }
+  return ERR_NONE;
+}
+
+}  // extern "C"
