@@ -43,6 +43,7 @@ struct Problem {
   int64_t ignore_index;
   int32_t num_labels;              // valid integer labels: C, or 2 for binary sigmoid (C = 1)
   int32_t num_threads;
+  int32_t awf_block_diagonal;      // awf_v is block-diagonal (official): skip off-block gradients
   const void* const* logits;       // L pointers, (B, C, P)
   const void* target;              // (B, P) integers or (B, C, P) float32
   const float* pixel_weight;       // (B, P) or null
@@ -137,6 +138,21 @@ inline float fast_log1p(float e) {  // e in [0, 1]: log(1 + e) without losing sm
   return d == 0.0f ? e : fast_log(u) * (e / d);
 }
 
+// ---- a tile row of TP floats held in vector registers ----------------------------------------
+typedef float v16 __attribute__((vector_size(64), aligned(4)));
+constexpr int NV = TP / 16;
+static_assert(TP % 16 == 0, "TP must be a multiple of 16");
+struct Row { v16 v[NV]; };
+inline Row row_splat(float a) { Row r; for (int i = 0; i < NV; ++i) r.v[i] = v16{} + a; return r; }
+inline Row row_load(const float* p) { Row r; for (int i = 0; i < NV; ++i) r.v[i] = *(const v16*)(p + 16 * i); return r; }
+inline void row_store(float* p, const Row& r) { for (int i = 0; i < NV; ++i) *(v16*)(p + 16 * i) = r.v[i]; }
+inline void row_fma(Row& acc, float w, const float* x) {  // acc += w * x
+  for (int i = 0; i < NV; ++i) acc.v[i] += w * *(const v16*)(x + 16 * i);
+}
+inline void row_fma(Row& acc, const float* a, const float* x) {  // acc += a ⊙ x
+  for (int i = 0; i < NV; ++i) acc.v[i] += *(const v16*)(a + 16 * i) * *(const v16*)(x + 16 * i);
+}
+
 // ---- derived layout ---------------------------------------------------------------------------
 struct Layout {
   int L, C, M, S;
@@ -166,7 +182,7 @@ std::vector<Item> make_items(const Problem& p) {
   const int64_t tiles = (p.pixels + TP - 1) / TP;
   int64_t per_sample = std::max<int64_t>(1, (256 + p.batch - 1) / p.batch);
   per_sample = std::min(per_sample, tiles);
-  const int64_t tiles_per_chunk = (tiles + per_sample - 1) / per_sample;
+  const int64_t tiles_per_chunk = std::min<int64_t>((tiles + per_sample - 1) / per_sample, 64);
   std::vector<Item> items;
   for (int64_t b = 0; b < p.batch; ++b)
     for (int64_t t0 = 0; t0 < tiles; t0 += tiles_per_chunk)
@@ -178,7 +194,7 @@ std::vector<Item> make_items(const Problem& p) {
 struct Tile {
   int L, C, n = 0;                 // n valid pixels in the current tile
   std::vector<float> x, t, z, s, g, gx, score, alpha, dalpha;
-  float w[TP], m[TP], inv[TP], lse[TP], dot[TP], acc[TP];
+  float w[TP], lse[TP];
   Tile(int L_, int C_, int max_k) : L(L_), C(C_), x((size_t)L_ * C_ * TP), t((size_t)C_ * TP),
       z((size_t)C_ * TP), s((size_t)C_ * TP), g((size_t)C_ * TP), gx((size_t)L_ * C_ * TP),
       score((size_t)max_k * TP), alpha((size_t)max_k * TP), dalpha((size_t)max_k * TP) {}
@@ -276,13 +292,13 @@ const float* build_map(const Problem& pr, const Layout& ly, int u, Tile& tl) {
   if (op == OP_ORIG) return tl.xs(arg, 0);
   const int k = pr.subset_size[arg];
   const int32_t* mem = pr.subset_members + ly.sub_start[arg];
-  float* z = tl.z.data();
+  float* __restrict z = tl.z.data();
   switch (op) {
     case OP_ADD:
     case OP_MULT: {
       std::memcpy(z, tl.xs(mem[0], 0), sizeof(float) * C * TP);
       for (int j = 1; j < k; ++j) {
-        const float* xj = tl.xs(mem[j], 0);
+        const float* __restrict xj = tl.xs(mem[j], 0);
         if (op == OP_ADD) {
           for (int e = 0; e < C * TP; ++e) z[e] += xj[e];
         } else {
@@ -296,14 +312,10 @@ const float* build_map(const Problem& pr, const Layout& ly, int u, Tile& tl) {
       const float* bias = pr.cat_b + ly.cat_b_off[arg];
       const int K = k * C;
       for (int c = 0; c < C; ++c) {
-        float* zr = z + (size_t)c * TP;
-        for (int p = 0; p < TP; ++p) zr[p] = bias[c];
+        Row acc = row_splat(bias[c]);
         for (int j = 0; j < k; ++j)
-          for (int c2 = 0; c2 < C; ++c2) {
-            const float wv = W[(size_t)c * K + j * C + c2];
-            const float* xr = tl.xs(mem[j], c2);
-            for (int p = 0; p < TP; ++p) zr[p] += wv * xr[p];
-          }
+          for (int c2 = 0; c2 < C; ++c2) row_fma(acc, W[(size_t)c * K + j * C + c2], tl.xs(mem[j], c2));
+        row_store(z + (size_t)c * TP, acc);
       }
       break;
     }
@@ -311,40 +323,37 @@ const float* build_map(const Problem& pr, const Layout& ly, int u, Tile& tl) {
       const float* V = pr.awf_v + ly.awf_v_off[arg];
       const float* cb = pr.awf_c + ly.awf_c_off[arg];
       const int K = k * C;
-      float* a = tl.score.data();
-      float* al = tl.alpha.data();
+      float* __restrict a = tl.score.data();
+      float* __restrict al = tl.alpha.data();
       for (int r = 0; r < k; ++r) {
-        float* ar = a + (size_t)r * TP;
-        for (int p = 0; p < TP; ++p) ar[p] = cb[r];
-        for (int j = 0; j < k; ++j)
-          for (int c2 = 0; c2 < C; ++c2) {
-            const float wv = V[(size_t)r * K + j * C + c2];
-            if (wv == 0.0f) continue;  // official parameterization: V_S is block-diagonal
-            const float* xr = tl.xs(mem[j], c2);
-            for (int p = 0; p < TP; ++p) ar[p] += wv * xr[p];
-          }
+        Row acc = row_splat(cb[r]);
+        for (int j = 0; j < k; ++j) {
+          if (pr.awf_block_diagonal && j != r) continue;  // official: V_S is block-diagonal
+          for (int c2 = 0; c2 < C; ++c2) row_fma(acc, V[(size_t)r * K + j * C + c2], tl.xs(mem[j], c2));
+        }
+        row_store(a + (size_t)r * TP, acc);
       }
-      for (int p = 0; p < TP; ++p) tl.m[p] = a[p];
+      float m[TP], sum[TP];
+      for (int p = 0; p < TP; ++p) m[p] = a[p];
       for (int r = 1; r < k; ++r)
-        for (int p = 0; p < TP; ++p) tl.m[p] = std::max(tl.m[p], a[(size_t)r * TP + p]);
-      for (int p = 0; p < TP; ++p) tl.acc[p] = 0.0f;
+        for (int p = 0; p < TP; ++p) {
+          const float v = a[(size_t)r * TP + p];
+          m[p] = v > m[p] ? v : m[p];
+        }
+      for (int p = 0; p < TP; ++p) sum[p] = 0.0f;
       for (int r = 0; r < k; ++r)
         for (int p = 0; p < TP; ++p) {
-          const float e = fast_exp(a[(size_t)r * TP + p] - tl.m[p]);
+          const float e = fast_exp(a[(size_t)r * TP + p] - m[p]);
           al[(size_t)r * TP + p] = e;
-          tl.acc[p] += e;
+          sum[p] += e;
         }
-      for (int p = 0; p < TP; ++p) tl.inv[p] = 1.0f / tl.acc[p];
+      for (int p = 0; p < TP; ++p) sum[p] = 1.0f / sum[p];
       for (int r = 0; r < k; ++r)
-        for (int p = 0; p < TP; ++p) al[(size_t)r * TP + p] *= tl.inv[p];
+        for (int p = 0; p < TP; ++p) al[(size_t)r * TP + p] *= sum[p];
       for (int c = 0; c < C; ++c) {
-        float* zr = z + (size_t)c * TP;
-        for (int p = 0; p < TP; ++p) zr[p] = 0.0f;
-        for (int j = 0; j < k; ++j) {
-          const float* xr = tl.xs(mem[j], c);
-          const float* ar = al + (size_t)j * TP;
-          for (int p = 0; p < TP; ++p) zr[p] += ar[p] * xr[p];
-        }
+        Row acc = row_splat(0.0f);
+        for (int j = 0; j < k; ++j) row_fma(acc, al + (size_t)j * TP, tl.xs(mem[j], c));
+        row_store(z + (size_t)c * TP, acc);
       }
       break;
     }
@@ -353,9 +362,9 @@ const float* build_map(const Problem& pr, const Layout& ly, int u, Tile& tl) {
 }
 
 // Activation of map logits z (C×TP) into tl.s. Softmax also leaves lse in tl.lse.
-void activate(const Problem& pr, const float* z, Tile& tl) {
+void activate(const Problem& pr, const float* __restrict z, Tile& tl) {
   const int C = (int)pr.classes;
-  float* s = tl.s.data();
+  float* __restrict s = tl.s.data();
   if (pr.sigmoid) {
     for (int e = 0; e < C * TP; ++e) {
       const float ez = fast_exp(-std::fabs(z[e]));
@@ -364,33 +373,39 @@ void activate(const Problem& pr, const float* z, Tile& tl) {
     }
     return;
   }
-  for (int p = 0; p < TP; ++p) tl.m[p] = z[p];
+  float m[TP], sum[TP];
+  for (int p = 0; p < TP; ++p) m[p] = z[p];
   for (int c = 1; c < C; ++c)
-    for (int p = 0; p < TP; ++p) tl.m[p] = std::max(tl.m[p], z[(size_t)c * TP + p]);
-  for (int p = 0; p < TP; ++p) tl.acc[p] = 0.0f;
+    for (int p = 0; p < TP; ++p) {
+      const float v = z[(size_t)c * TP + p];
+      m[p] = v > m[p] ? v : m[p];
+    }
+  for (int p = 0; p < TP; ++p) sum[p] = 0.0f;
   for (int c = 0; c < C; ++c)
     for (int p = 0; p < TP; ++p) {
-      const float e = fast_exp(z[(size_t)c * TP + p] - tl.m[p]);
+      const float e = fast_exp(z[(size_t)c * TP + p] - m[p]);
       s[(size_t)c * TP + p] = e;
-      tl.acc[p] += e;
+      sum[p] += e;
     }
+  float* __restrict lse = tl.lse;
   for (int p = 0; p < TP; ++p) {
-    tl.inv[p] = 1.0f / tl.acc[p];
-    tl.lse[p] = tl.m[p] + fast_log(tl.acc[p]);
+    lse[p] = m[p] + fast_log(sum[p]);
+    sum[p] = 1.0f / sum[p];
   }
   for (int c = 0; c < C; ++c)
-    for (int p = 0; p < TP; ++p) s[(size_t)c * TP + p] *= tl.inv[p];
+    for (int p = 0; p < TP; ++p) s[(size_t)c * TP + p] *= sum[p];
 }
 
 // Accumulate the sums of one map (z, tl.s) into ce/inter/zsum (C each, double).
-void accumulate_stats(const Problem& pr, const float* z, Tile& tl, double* ce, double* inter, double* zsum) {
+void accumulate_stats(const Problem& pr, const float* __restrict z, Tile& tl, double* ce, double* inter, double* zsum) {
   const int C = (int)pr.classes;
-  const float* s = tl.s.data();
-  const float* w = tl.w;
+  const float* __restrict s = tl.s.data();
+  const float* __restrict w = tl.w;
+  const float* __restrict lse = tl.lse;
   for (int c = 0; c < C; ++c) {
-    const float* zr = z + (size_t)c * TP;
-    const float* sr = s + (size_t)c * TP;
-    const float* tr = &tl.t[(size_t)c * TP];
+    const float* __restrict zr = z + (size_t)c * TP;
+    const float* __restrict sr = s + (size_t)c * TP;
+    const float* __restrict tr = &tl.t[(size_t)c * TP];
     float a_ce = 0.0f, a_i = 0.0f, a_z = 0.0f;
     if (pr.sigmoid) {
 #pragma omp simd reduction(+ : a_ce, a_i, a_z)
@@ -403,7 +418,7 @@ void accumulate_stats(const Problem& pr, const float* z, Tile& tl, double* ce, d
     } else {
 #pragma omp simd reduction(+ : a_ce, a_i, a_z)
       for (int p = 0; p < TP; ++p) {
-        a_ce += w[p] * tr[p] * (tl.lse[p] - zr[p]);
+        a_ce += w[p] * tr[p] * (lse[p] - zr[p]);
         a_i += w[p] * sr[p] * tr[p];
         a_z += w[p] * (pr.q == 2 ? sr[p] * sr[p] : sr[p]);
       }
@@ -417,50 +432,62 @@ void accumulate_stats(const Problem& pr, const float* z, Tile& tl, double* ce, d
 // dL/dz_u (C×TP) into tl.g from the statistic gradients of map u, sample b (C each).
 void map_grad(const Problem& pr, Tile& tl, const float* gce, const float* gi, const float* gz) {
   const int C = (int)pr.classes;
-  const float* s = tl.s.data();
-  float* g = tl.g.data();
-  const float* w = tl.w;
+  const float* __restrict s = tl.s.data();
+  const float* __restrict t = tl.t.data();
+  float* __restrict g = tl.g.data();
+  const float* __restrict w = tl.w;
   const float qf = (float)pr.q;
   if (pr.sigmoid) {
     for (int c = 0; c < C; ++c) {
-      const float* sr = s + (size_t)c * TP;
-      const float* tr = &tl.t[(size_t)c * TP];
-      float* gr = g + (size_t)c * TP;
+      const float* __restrict sr = s + (size_t)c * TP;
+      const float* __restrict tr = t + (size_t)c * TP;
+      float* __restrict gr = g + (size_t)c * TP;
+      const float gic = gi[c], gzc = gz[c], gcec = gce[c];
       for (int p = 0; p < TP; ++p) {
-        const float gs = gi[c] * tr[p] + gz[c] * (pr.q == 2 ? qf * sr[p] : 1.0f);
-        gr[p] = w[p] * (gs * sr[p] * (1.0f - sr[p]) + gce[c] * (sr[p] - tr[p]));
+        const float gs = gic * tr[p] + gzc * (pr.q == 2 ? qf * sr[p] : 1.0f);
+        gr[p] = w[p] * (gs * sr[p] * (1.0f - sr[p]) + gcec * (sr[p] - tr[p]));
       }
     }
     return;
   }
-  for (int p = 0; p < TP; ++p) { tl.dot[p] = 0.0f; tl.acc[p] = 0.0f; }
+  float dot[TP], a[TP];
+  for (int p = 0; p < TP; ++p) { dot[p] = 0.0f; a[p] = 0.0f; }
   for (int c = 0; c < C; ++c) {
-    const float* sr = s + (size_t)c * TP;
-    const float* tr = &tl.t[(size_t)c * TP];
-    float* gr = g + (size_t)c * TP;
+    const float* __restrict sr = s + (size_t)c * TP;
+    const float* __restrict tr = t + (size_t)c * TP;
+    float* __restrict gr = g + (size_t)c * TP;
+    const float gic = gi[c], gzc = gz[c], gcec = gce[c];
     for (int p = 0; p < TP; ++p) {
-      const float gs = gi[c] * tr[p] + gz[c] * (pr.q == 2 ? qf * sr[p] : 1.0f);
+      const float gs = gic * tr[p] + gzc * (pr.q == 2 ? qf * sr[p] : 1.0f);
       gr[p] = gs;
-      tl.dot[p] += gs * sr[p];
-      tl.acc[p] += gce[c] * tr[p];
+      dot[p] += gs * sr[p];
+      a[p] += gcec * tr[p];
     }
   }
   for (int c = 0; c < C; ++c) {
-    const float* sr = s + (size_t)c * TP;
-    const float* tr = &tl.t[(size_t)c * TP];
-    float* gr = g + (size_t)c * TP;
+    const float* __restrict sr = s + (size_t)c * TP;
+    const float* __restrict tr = t + (size_t)c * TP;
+    float* __restrict gr = g + (size_t)c * TP;
+    const float gcec = gce[c];
     for (int p = 0; p < TP; ++p)
-      gr[p] = w[p] * (sr[p] * (gr[p] - tl.dot[p]) + tl.acc[p] * sr[p] - gce[c] * tr[p]);
+      gr[p] = w[p] * (sr[p] * (gr[p] - dot[p] + a[p]) - gcec * tr[p]);
   }
 }
 
-inline float dot_tp(const float* a, const float* b) {
-  float acc = 0.0f;
-#pragma omp simd reduction(+ : acc)
-  for (int p = 0; p < TP; ++p) acc += a[p] * b[p];
-  return acc;
+// Parameter gradients accumulate in LANES float partials per parameter (vector-friendly: no
+// horizontal reduction per tile); each work item folds them into double at its end.
+constexpr int LANES = 16;
+inline void lane_dot(float* acc, const float* a, const float* b) {
+  v16 r = *(const v16*)acc;
+  for (int i = 0; i < NV; ++i) r += *(const v16*)(a + 16 * i) * *(const v16*)(b + 16 * i);
+  *(v16*)acc = r;
 }
-inline float sum_tp(const float* a) {
+inline void lane_sum(float* __restrict acc, const float* __restrict a) {
+  for (int p0 = 0; p0 < TP; p0 += LANES)
+    for (int l = 0; l < LANES; ++l) acc[l] += a[p0 + l];
+}
+
+inline float sum_tp(const float* __restrict a) {
   float acc = 0.0f;
 #pragma omp simd reduction(+ : acc)
   for (int p = 0; p < TP; ++p) acc += a[p];
@@ -468,12 +495,13 @@ inline float sum_tp(const float* a) {
 }
 
 // Push tl.g (dL/dz_u) through the operator of map u into tl.gx and the parameter partials.
-void op_backward(const Problem& pr, const Layout& ly, int u, Tile& tl, double* dparams) {
+// dparams: LANES float partials per packed parameter.
+void op_backward(const Problem& pr, const Layout& ly, int u, Tile& tl, float* dparams) {
   const int C = ly.C;
   const int op = pr.map_op[u], arg = pr.map_arg[u];
-  const float* g = tl.g.data();
+  const float* __restrict g = tl.g.data();
   if (op == OP_ORIG) {
-    float* gx = tl.gxs(arg, 0);
+    float* __restrict gx = tl.gxs(arg, 0);
     for (int e = 0; e < C * TP; ++e) gx[e] += g[e];
     return;
   }
@@ -483,18 +511,18 @@ void op_backward(const Problem& pr, const Layout& ly, int u, Tile& tl, double* d
   switch (op) {
     case OP_ADD:
       for (int j = 0; j < k; ++j) {
-        float* gx = tl.gxs(mem[j], 0);
+        float* __restrict gx = tl.gxs(mem[j], 0);
         for (int e = 0; e < C * TP; ++e) gx[e] += g[e];
       }
       break;
     case OP_MULT:
       for (int j = 0; j < k; ++j) {  // d/dz_j = g · Π_{i≠j} z_i (no division)
-        float* gx = tl.gxs(mem[j], 0);
-        float* tmp = tl.z.data();
+        float* __restrict gx = tl.gxs(mem[j], 0);
+        float* __restrict tmp = tl.z.data();
         std::memcpy(tmp, g, sizeof(float) * C * TP);
         for (int i = 0; i < k; ++i) {
           if (i == j) continue;
-          const float* xi = tl.xs(mem[i], 0);
+          const float* __restrict xi = tl.xs(mem[i], 0);
           for (int e = 0; e < C * TP; ++e) tmp[e] *= xi[e];
         }
         for (int e = 0; e < C * TP; ++e) gx[e] += tmp[e];
@@ -502,67 +530,68 @@ void op_backward(const Problem& pr, const Layout& ly, int u, Tile& tl, double* d
       break;
     case OP_CAT: {
       const float* W = pr.cat_w + ly.cat_w_off[arg];
-      double* dW = dparams + ly.cat_w_off[arg];
-      double* db = dparams + ly.cat_w_n + ly.cat_b_off[arg];
+      float* dW = dparams + LANES * ly.cat_w_off[arg];
+      float* db = dparams + LANES * (ly.cat_w_n + ly.cat_b_off[arg]);
       for (int c = 0; c < C; ++c) {
         const float* gr = g + (size_t)c * TP;
-        db[c] += sum_tp(gr);
+        lane_sum(db + LANES * c, gr);
         for (int j = 0; j < k; ++j)
-          for (int c2 = 0; c2 < C; ++c2) dW[(size_t)c * K + j * C + c2] += dot_tp(gr, tl.xs(mem[j], c2));
+          for (int c2 = 0; c2 < C; ++c2) lane_dot(dW + LANES * ((size_t)c * K + j * C + c2), gr, tl.xs(mem[j], c2));
       }
       for (int j = 0; j < k; ++j)
         for (int c2 = 0; c2 < C; ++c2) {
           float* gx = tl.gxs(mem[j], c2);
-          for (int c = 0; c < C; ++c) {
-            const float wv = W[(size_t)c * K + j * C + c2];
-            const float* gr = g + (size_t)c * TP;
-            for (int p = 0; p < TP; ++p) gx[p] += wv * gr[p];
-          }
+          Row acc = row_load(gx);
+          for (int c = 0; c < C; ++c) row_fma(acc, W[(size_t)c * K + j * C + c2], g + (size_t)c * TP);
+          row_store(gx, acc);
         }
       break;
     }
     case OP_AWF: {
       const float* V = pr.awf_v + ly.awf_v_off[arg];
-      double* dV = dparams + ly.cat_w_n + ly.cat_b_n + ly.awf_v_off[arg];
-      double* dc = dparams + ly.cat_w_n + ly.cat_b_n + ly.awf_v_n + ly.awf_c_off[arg];
-      const float* al = tl.alpha.data();
-      float* da = tl.dalpha.data();
+      float* dV = dparams + LANES * (ly.cat_w_n + ly.cat_b_n + ly.awf_v_off[arg]);
+      float* dc = dparams + LANES * (ly.cat_w_n + ly.cat_b_n + ly.awf_v_n + ly.awf_c_off[arg]);
+      const float* __restrict al = tl.alpha.data();
+      float* __restrict da = tl.dalpha.data();
       for (int j = 0; j < k; ++j) {  // dz_{s_j} += α_j g ; dα_j = <g, z_{s_j}>
-        float* dar = da + (size_t)j * TP;
-        const float* ar = al + (size_t)j * TP;
+        float* __restrict dar = da + (size_t)j * TP;
+        const float* __restrict ar = al + (size_t)j * TP;
         for (int p = 0; p < TP; ++p) dar[p] = 0.0f;
         for (int c = 0; c < C; ++c) {
-          const float* gr = g + (size_t)c * TP;
-          const float* xr = tl.xs(mem[j], c);
-          float* gx = tl.gxs(mem[j], c);
+          const float* __restrict gr = g + (size_t)c * TP;
+          const float* __restrict xr = tl.xs(mem[j], c);
+          float* __restrict gx = tl.gxs(mem[j], c);
           for (int p = 0; p < TP; ++p) {
             gx[p] += ar[p] * gr[p];
             dar[p] += gr[p] * xr[p];
           }
         }
       }
-      for (int p = 0; p < TP; ++p) tl.dot[p] = 0.0f;  // da = α ⊙ (dα − <α, dα>)
+      float dot[TP];  // da = α ⊙ (dα − <α, dα>)
+      for (int p = 0; p < TP; ++p) dot[p] = 0.0f;
       for (int j = 0; j < k; ++j)
-        for (int p = 0; p < TP; ++p) tl.dot[p] += al[(size_t)j * TP + p] * da[(size_t)j * TP + p];
+        for (int p = 0; p < TP; ++p) dot[p] += al[(size_t)j * TP + p] * da[(size_t)j * TP + p];
       for (int j = 0; j < k; ++j)
-        for (int p = 0; p < TP; ++p) da[(size_t)j * TP + p] = al[(size_t)j * TP + p] * (da[(size_t)j * TP + p] - tl.dot[p]);
+        for (int p = 0; p < TP; ++p) da[(size_t)j * TP + p] = al[(size_t)j * TP + p] * (da[(size_t)j * TP + p] - dot[p]);
       for (int r = 0; r < k; ++r) {
         const float* dar = da + (size_t)r * TP;
-        dc[r] += sum_tp(dar);
+        lane_sum(dc + LANES * r, dar);
         for (int j = 0; j < k; ++j)
           for (int c2 = 0; c2 < C; ++c2) {
-            dV[(size_t)r * K + j * C + c2] += dot_tp(dar, tl.xs(mem[j], c2));
+            const float* __restrict xr = tl.xs(mem[j], c2);
+            if (pr.awf_block_diagonal && j != r) continue;
+            lane_dot(dV + LANES * ((size_t)r * K + j * C + c2), dar, xr);
           }
       }
       for (int j = 0; j < k; ++j)
         for (int c2 = 0; c2 < C; ++c2) {
           float* gx = tl.gxs(mem[j], c2);
+          Row acc = row_load(gx);
           for (int r = 0; r < k; ++r) {
-            const float wv = V[(size_t)r * K + j * C + c2];
-            if (wv == 0.0f) continue;
-            const float* dar = da + (size_t)r * TP;
-            for (int p = 0; p < TP; ++p) gx[p] += wv * dar[p];
+            if (pr.awf_block_diagonal && j != r) continue;
+            row_fma(acc, V[(size_t)r * K + j * C + c2], da + (size_t)r * TP);
           }
+          row_store(gx, acc);
         }
       break;
     }
@@ -682,10 +711,12 @@ int lomix_cpu_backward(const Problem* prp, const float* gce, const float* ginter
 #pragma omp parallel num_threads(num_threads(pr))
   {
     Tile tl(L, C, ly.max_k);
+    std::vector<float> lanes((size_t)nP * LANES);
 #pragma omp for schedule(dynamic, 1)
     for (int64_t it = 0; it < nI; ++it) {
       const Item item = items[it];
-      double* dp = nP ? &part[(size_t)it * nP] : nullptr;
+      float* dp = lanes.data();
+      std::fill(lanes.begin(), lanes.end(), 0.0f);
       for (int64_t p0 = item.p0; p0 < item.p1; p0 += TP) {
         const int n = (int)std::min<int64_t>(TP, item.p1 - p0);
         load_tile(pr, item.b, p0, n, tl, false, errs[it]);
@@ -707,6 +738,12 @@ int lomix_cpu_backward(const Problem* prp, const float* gce, const float* ginter
               default:     { uint16_t* d = (uint16_t*)grad_logits[i] + off; for (int p = 0; p < n; ++p) d[p] = float_to_bf16(src[p]); break; }
             }
           }
+      }
+      double* out = nP ? &part[(size_t)it * nP] : nullptr;
+      for (int64_t e = 0; e < nP; ++e) {
+        double acc = 0.0;
+        for (int l = 0; l < LANES; ++l) acc += dp[(size_t)e * LANES + l];
+        out[e] = acc;
       }
     }
   }

@@ -37,6 +37,7 @@ class _Problem(ctypes.Structure):
         ("logit_dtype", ctypes.c_int32), ("target_kind", ctypes.c_int32), ("sigmoid", ctypes.c_int32),
         ("q", ctypes.c_int32), ("has_ignore", ctypes.c_int32), ("ignore_index", ctypes.c_int64),
         ("num_labels", ctypes.c_int32), ("num_threads", ctypes.c_int32),
+        ("awf_block_diagonal", ctypes.c_int32),
         ("logits", ctypes.POINTER(ctypes.c_void_p)), ("target", ctypes.c_void_p),
         ("pixel_weight", ctypes.c_void_p),
         ("map_op", ctypes.c_void_p), ("map_arg", ctypes.c_void_p),
@@ -93,7 +94,7 @@ class CpuKernels:
     name = "cpu"
 
     @staticmethod
-    def plan(maps, num_stages: int, num_classes: int, opts: LossOptions, activation_labels: int):
+    def plan(maps, num_stages: int, num_classes: int, opts: LossOptions, activation_labels: int, awf_param: str):
         """Small int32 tables describing the maps and subsets (kept alive by the caller)."""
         subs = spec.subsets(num_stages)
         op = torch.tensor([spec.OP_CODES[m.op] for m in maps], dtype=torch.int32)
@@ -102,7 +103,7 @@ class CpuKernels:
         members = torch.tensor([i for s in subs for i in s], dtype=torch.int32)
         return {"map_op": op, "map_arg": arg, "subset_size": size, "subset_members": members,
                 "num_stages": num_stages, "num_classes": num_classes, "num_maps": len(maps),
-                "num_subsets": len(subs), "opts": opts, "num_labels": activation_labels}
+                "num_subsets": len(subs), "opts": opts, "num_labels": activation_labels, "awf_param": awf_param}
 
     @staticmethod
     def _problem(plan, logits, target, pixel_weight, params):
@@ -118,6 +119,7 @@ class CpuKernels:
             has_ignore=int(opts.ignore_index is not None),
             ignore_index=0 if opts.ignore_index is None else int(opts.ignore_index),
             num_labels=plan["num_labels"], num_threads=torch.get_num_threads(),
+            awf_block_diagonal=int(plan["awf_param"] == "official"),
             logits=ctypes.cast(ptrs, ctypes.POINTER(ctypes.c_void_p)),
             target=_ptr(target), pixel_weight=_ptr(pixel_weight),
             map_op=_ptr(plan["map_op"]), map_arg=_ptr(plan["map_arg"]),

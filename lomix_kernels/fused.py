@@ -80,6 +80,6 @@ def fused_stats(kernels, inputs: Inputs, maps: Sequence[spec.MapInfo], cat_w, ca
         target = target.float()
     pixel_weight = None if inputs.pixel_weight is None else inputs.pixel_weight.float().contiguous()
     params = packed_params(maps, num_stages, num_classes, cat_w, cat_b, awf_w, awf_b, awf_param)
-    plan = kernels.plan(maps, num_stages, num_classes, opts, target_classes(num_classes, opts.activation))
+    plan = kernels.plan(maps, num_stages, num_classes, opts, target_classes(num_classes, opts.activation), awf_param)
     out = FusedStats.apply(kernels, plan, target, pixel_weight, *params, *logits)
     return MapStats(*out)
