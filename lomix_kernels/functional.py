@@ -34,7 +34,9 @@ def resolve_backend(backend: str, logits: Tensor) -> str:
         if logits.dtype == torch.float64:
             return "reference"
         if logits.is_cuda:
-            backend = "triton"
+            if _triton_module().is_implemented():
+                return "triton"
+            return "reference"
         else:
             if cpu.available():
                 return "cpu"

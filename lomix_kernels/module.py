@@ -46,6 +46,7 @@ class LoMixLoss(nn.Module):
         validate: bool = True,
     ):
         super().__init__()
+        self._init_kwargs = {k: v for k, v in locals().items() if k not in ("self", "__class__")}
         if not isinstance(num_stages, int) or num_stages < 2:
             raise ValueError(f"num_stages must be an int >= 2, got {num_stages!r}")
         if not isinstance(num_classes, int) or num_classes < 1:

@@ -1,0 +1,45 @@
+"""The fused-vs-reference comparison shared by the cpu and triton backend tests."""
+import itertools
+
+import torch
+
+import lomix_kernels as lk
+
+from conftest import make_logits, make_target, randomize_params, rel_err, run, twin
+
+OP_SUBSETS = [ops for k in range(1, 5) for ops in itertools.combinations(lk.spec.ALL_OPS, k)]
+
+
+def compare_to_reference(crit, logits, target, pixel_weight=None, tol=1e-5, grad_scale=1.0):
+    """Run ``crit`` (a fused backend) and the float64 reference on the same inputs and parameters;
+    assert SPEC §8 relative errors for the loss, logits grads and every parameter grad."""
+    ref = twin(crit, "reference").double()
+    ref_logits = [z.detach().double().requires_grad_(z.requires_grad) for z in logits]
+    ref_target = target.double() if target.is_floating_point() else target
+    ref_pw = None if pixel_weight is None else pixel_weight.double()
+    loss, grads, pgrads = run(crit, logits, target, pixel_weight, grad_scale)
+    rloss, rgrads, rpgrads = run(ref, ref_logits, ref_target, ref_pw, grad_scale)
+    assert torch.isfinite(loss) and loss.dtype == torch.float32
+    errors = {"loss": rel_err(loss, rloss)}
+    for i, (g, r) in enumerate(zip(grads, rgrads)):
+        if r is None:  # a stage no map reads (last_layer): the reference leaves no grad
+            assert g is None or not g.any()
+            continue
+        assert g.dtype == logits[i].dtype and g.shape == logits[i].shape
+        errors[f"logits[{i}]"] = rel_err(g, r)
+    assert set(pgrads) == set(rpgrads)
+    for name in rpgrads:
+        errors[name] = rel_err(pgrads[name], rpgrads[name])
+    bad = {k: v for k, v in errors.items() if not v < tol}
+    assert not bad, f"relative errors above {tol}: {bad}"
+    for k, v in crit.last_terms.items():
+        assert rel_err(v, ref.last_terms[k]) < max(tol, 1e-5), k
+    return errors
+
+
+def random_case(backend, L, C, B, sp, *, native=False, ops=None, seed=0, dtype=torch.float32,
+                target_dtype=torch.int64, **opts):
+    crit = randomize_params(lk.LoMixLoss(L, C, ops=ops, backend=backend, **opts), seed=seed + 7)
+    logits = make_logits(L, C, B, sp, native=native, seed=seed, dtype=dtype)
+    target = make_target(C, B, sp, seed=seed + 1, ignore_index=opts.get("ignore_index"), dtype=target_dtype)
+    return crit, logits, target

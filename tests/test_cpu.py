@@ -1,0 +1,173 @@
+"""Fused CPU backend (csrc/) against the float64 reference: loss, logits grads, parameter grads."""
+import pytest
+import torch
+
+import lomix_kernels as lk
+from lomix_kernels import cpu
+
+from conftest import make_logits, make_target, randomize_params, rel_err, run, twin
+from fused_cases import OP_SUBSETS, compare_to_reference, random_case
+
+pytestmark = pytest.mark.skipif(not cpu.available(), reason="the CPU kernels must be built: " + cpu.unavailable_reason())
+# (skipif never triggers in CI: `make test` builds the kernels first and test_build_present fails otherwise)
+
+
+def test_build_present():
+    assert cpu.available(), cpu.unavailable_reason()
+
+
+SHAPES = [  # L, C, B, spatial, native heads
+    (2, 2, 1, (7, 5), False),
+    (3, 5, 2, (17, 9), True),
+    (4, 9, 2, (24, 20), True),
+    (5, 3, 1, (32, 33), True),
+    (4, 16, 1, (13, 11), False),
+    (3, 4, 3, (5, 7, 6), True),
+    (4, 2, 2, (8, 9, 7), True),
+    (2, 7, 1, (3, 5, 4), False),
+]
+
+
+@pytest.mark.parametrize("L,C,B,sp,native", SHAPES)
+@pytest.mark.parametrize("awf_param", ["official", "paper"])
+def test_shapes_all_ops(L, C, B, sp, native, awf_param):
+    crit, logits, target = random_case("cpu", L, C, B, sp, native=native, awf_param=awf_param, seed=L + C)
+    compare_to_reference(crit, logits, target)
+
+
+@pytest.mark.parametrize("ops", OP_SUBSETS, ids=lambda o: "+".join(o))
+def test_every_op_subset(ops):
+    crit, logits, target = random_case("cpu", 4, 3, 2, (11, 10), native=True, ops=ops, seed=len(ops))
+    compare_to_reference(crit, logits, target)
+
+
+@pytest.mark.parametrize("scheme", ["last_layer", "deep_supervision", "mutation", "lomix"])
+def test_schemes(scheme):
+    crit, logits, target = random_case("cpu", 4, 4, 2, (12, 13), native=True, scheme=scheme)
+    compare_to_reference(crit, logits, target)
+
+
+OPTIONS = [
+    dict(ignore_index=255),
+    dict(ignore_index=-1, dice_squared=False),
+    dict(dice_batch=False, include_background=False),
+    dict(dice_squared=False, dice_batch=False, smooth_nr=0.0, smooth_dr=1e-3),
+    dict(ce_weight=1.0, dice_weight=0.0),
+    dict(ce_weight=0.0, dice_weight=1.0, learn_weights=False),
+    dict(combine="multiplicative"),
+    dict(class_weight=[0.5, 1.0, 2.0, 0.1]),
+]
+
+
+@pytest.mark.parametrize("opts", OPTIONS, ids=lambda o: ",".join(f"{k}={v}" for k, v in o.items()))
+@pytest.mark.parametrize("sp", [(15, 14), (6, 5, 7)])
+def test_loss_options(opts, sp):
+    crit, logits, target = random_case("cpu", 3, 4, 2, sp, native=True, **opts)
+    compare_to_reference(crit, logits, target)
+
+
+@pytest.mark.parametrize("target_dtype", [torch.uint8, torch.int16, torch.int32, torch.int64])
+def test_target_dtypes(target_dtype):
+    crit, logits, target = random_case("cpu", 3, 5, 2, (9, 10), target_dtype=target_dtype, ignore_index=100)
+    compare_to_reference(crit, logits, target)
+    target1 = target.unsqueeze(1)  # (B, 1, H, W) is accepted
+    assert torch.equal(crit(logits, target1), crit(logits, target))
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_low_precision_error_budget(dtype):
+    """fp16/bf16 logits: fused error vs float64 truth no worse than 2x the reference's own at that dtype."""
+    L, C, B, sp = 4, 5, 2, (16, 16)
+    crit = randomize_params(lk.LoMixLoss(L, C, backend="cpu"))
+    logits = make_logits(L, C, B, sp, native=True, dtype=dtype, scale=1.0)
+    target = make_target(C, B, sp)
+    truth = twin(crit, "reference").double()
+    ref_lp = twin(crit, "reference").to(dtype)
+    t_loss, t_grads, t_p = run(truth, [z.detach().double().requires_grad_() for z in logits], target)
+    f_loss, f_grads, f_p = run(crit, logits, target)
+    r_loss, r_grads, r_p = run(ref_lp, [z.detach().clone().requires_grad_() for z in logits], target)
+    assert f_loss.dtype == torch.float32 and all(g.dtype == dtype for g in f_grads)
+    assert rel_err(f_loss, t_loss) <= max(2 * rel_err(r_loss, t_loss), 1e-5)
+    for f, r, t in zip(f_grads, r_grads, t_grads):
+        assert rel_err(f, t) <= max(2 * rel_err(r, t), 1e-5)
+    for name in t_p:
+        assert rel_err(f_p[name], t_p[name]) <= max(2 * rel_err(r_p[name], t_p[name]), 1e-4), name
+
+
+def test_deterministic_and_thread_independent():
+    crit, logits, target = random_case("cpu", 4, 6, 2, (40, 37), native=True)
+    a = run(crit, logits, target)
+    b = run(crit, logits, target)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        c = run(crit, logits, target)
+    finally:
+        torch.set_num_threads(threads)
+    for other in (b, c):
+        assert torch.equal(a[0], other[0])
+        assert all(torch.equal(x, y) for x, y in zip(a[1], other[1]))
+        assert all(torch.equal(a[2][k], other[2][k]) for k in a[2])
+
+
+@pytest.mark.parametrize("scale", [1.0, -2.5, 0.0])
+def test_any_grad_output(scale):
+    crit, logits, target = random_case("cpu", 3, 3, 2, (8, 9))
+    compare_to_reference(crit, logits, target, grad_scale=scale)
+
+
+def test_only_some_inputs_require_grad():
+    crit, logits, target = random_case("cpu", 3, 4, 2, (10, 9), native=True)
+    logits[0].requires_grad_(False)
+    for p in crit.cat_weight:
+        p.requires_grad_(False)
+    compare_to_reference(crit, logits, target)
+    with torch.no_grad():  # nothing requires grad at all
+        loss = crit([z.detach() for z in logits], target)
+    assert torch.isfinite(loss)
+
+
+def test_inputs_not_modified_and_non_contiguous():
+    crit, logits, target = random_case("cpu", 3, 4, 2, (12, 10))
+    base = [z.detach().clone() for z in logits]
+    # channels-last and transposed views: handled, not rejected
+    nc = [z.detach().permute(0, 2, 3, 1).contiguous().permute(0, 3, 1, 2).requires_grad_() for z in logits]
+    t_nc = target.t() if target.dim() == 2 else target.transpose(1, 2).contiguous().transpose(1, 2)
+    errs = compare_to_reference(crit, nc, t_nc)
+    assert max(errs.values()) < 1e-5
+    assert all(torch.equal(a, b.detach()) for a, b in zip(base, logits))
+
+
+def test_kernel_checks_raise():
+    crit, logits, target = random_case("cpu", 3, 4, 1, (6, 6))
+    bad = target.clone()
+    bad[0, 2, 3] = 4
+    with pytest.raises(ValueError, match="class index 4"):
+        crit(logits, bad)
+    bad[0, 2, 3] = -3
+    with pytest.raises(ValueError, match="class index -3"):
+        crit(logits, bad)
+    for value in (float("nan"), float("inf")):
+        z = [x.detach().clone() for x in logits]
+        z[1][0, 1, 0, 0] = value
+        with pytest.raises(ValueError, match=r"logits\[1\] contains NaN or inf"):
+            crit(z, target)
+    pw = torch.ones(target.shape)
+    pw[0, 0, 0] = -1
+    with pytest.raises(ValueError, match="pixel_weight"):
+        crit(logits, target, pixel_weight=pw)
+
+
+def test_auto_picks_cpu_and_reference_for_float64():
+    from lomix_kernels.functional import resolve_backend
+    z = torch.randn(1, 2, 3, 3)
+    assert resolve_backend("auto", z) == "cpu"
+    assert resolve_backend("auto", z.double()) == "reference"
+    with pytest.raises(TypeError, match="float64"):
+        resolve_backend("cpu", z.double())
+
+
+def test_large_image_multiple_items():
+    """Enough pixels for many work items and a ragged last tile (synapse-like, small C)."""
+    crit, logits, target = random_case("cpu", 4, 3, 2, (129, 67), native=True, ignore_index=255)
+    compare_to_reference(crit, logits, target)
