@@ -1,0 +1,30 @@
+# One command per job; each creates the virtual env, installs the pinned deps and builds csrc/.
+PY ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.lomix-installed
+
+.PHONY: setup test bench bench-full demo clean
+
+$(STAMP): requirements.txt pyproject.toml setup.py csrc/lomix_cpu.cpp
+	test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --disable-pip-version-check -r requirements.txt
+	$(BIN)/python -m pip install -q --disable-pip-version-check --no-build-isolation -e .
+	touch $(STAMP)
+
+setup: $(STAMP)
+
+test: setup  ## the test suite (what .ci/run calls)
+	$(BIN)/python -m pytest tests
+
+bench: setup  ## the main job: speed and memory table against the reference on the SPEC §8 configs
+	$(BIN)/python benchmarks/run.py
+
+bench-full: setup  ## also the L and pixel scaling sweeps
+	$(BIN)/python benchmarks/run.py --sweep
+
+demo: setup
+	$(BIN)/python examples/demo.py
+
+clean:
+	rm -rf $(VENV) build *.egg-info lomix_kernels/*.so

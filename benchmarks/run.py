@@ -1,0 +1,290 @@
+"""Speed and peak memory of LoMix forward+backward: reference, torch.compile(reference), fused.
+
+    python benchmarks/run.py                 # SPEC §8 configs: synapse2d, l5, ct3d (+ native heads)
+    python benchmarks/run.py --sweep         # also cost vs L (2..6) and vs pixels
+    python benchmarks/run.py --configs synapse2d --impls cpu,reference
+
+Each (config, impl) runs in two fresh subprocesses. Time: median of repeats after warm-up, inputs
+and parameters fixed, default allocator settings. Memory: the process's peak RSS during one
+forward+backward minus its RSS just before (VmHWM reset through /proc/self/clear_refs), in a
+process where glibc returns every block over 64 KB to the OS at free, so a warm heap cannot hide
+the peak (that setting slows the eager reference, so it is never used for timing).
+Writes benchmarks/results/latest.{json,md,png}.
+"""
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+RESULTS = HERE / "results"
+
+CONFIGS = {  # name: (B, C, spatial, L, native)
+    "synapse2d": (6, 9, (224, 224), 4, False),
+    "l5": (6, 9, (224, 224), 5, False),
+    "ct3d": (2, 14, (96, 96, 96), 4, False),
+    "synapse2d-native": (6, 9, (224, 224), 4, True),
+    "ct3d-native": (2, 14, (96, 96, 96), 4, True),
+}
+DEFAULT_CONFIGS = ["synapse2d", "l5", "ct3d", "synapse2d-native", "ct3d-native"]
+IMPLS = ["reference", "compiled", "cpu"]
+MEM_LIMIT_GB = 20.0  # leave room for the OS on a 24 GB machine
+
+
+# ------------------------------------------------------------------------------------ worker --
+def _rss_kb(field: str) -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field):
+                return int(line.split()[1])
+    raise RuntimeError(field)
+
+
+def _reset_peak() -> bool:
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def worker(cfg_name: str, impl: str, repeats: int, scale: float, mode: str) -> dict:
+    import torch
+
+    import lomix_kernels as lk
+
+    torch.manual_seed(0)
+    B, C, spatial, L, native = CONFIGS[cfg_name]
+    spatial = tuple(max(4, int(round(s * scale))) for s in spatial)
+    heads = []
+    for i in range(L):
+        f = 2 ** (L + 1 - i) if native else 1  # EMCAD-like heads at 1/32 .. 1/4 (L=4)
+        heads.append(tuple(max(1, s // f) for s in spatial))
+    logits = [torch.randn(B, C, *sp, requires_grad=True) for sp in heads]
+    target = torch.randint(0, C, (B, *spatial), dtype=torch.int64)
+    backend = "cpu" if impl == "cpu" else "reference"
+    crit = lk.LoMixLoss(L, C, backend=backend, validate=impl != "compiled")
+    fn = torch.compile(crit) if impl == "compiled" else crit
+
+    def step():
+        for z in logits:
+            z.grad = None
+        crit.zero_grad(set_to_none=True)
+        loss = fn(logits, target)
+        loss.backward()
+        return loss
+
+    t0 = time.perf_counter()
+    step()  # warm-up (compiles for "compiled")
+    warm = time.perf_counter() - t0
+    out = {"config": cfg_name, "impl": impl, "scale": scale, "B": B, "C": C, "L": L, "spatial": spatial,
+           "heads": heads, "maps": len(crit.map_names), "warmup_s": warm, "threads": torch.get_num_threads(),
+           "logits_mb": sum(z.numel() * z.element_size() for z in logits) / 2 ** 20,
+           "target_mb": target.numel() * target.element_size() / 2 ** 20}
+    if mode == "mem":
+        gc.collect()
+        for z in logits:
+            z.grad = None
+        crit.zero_grad(set_to_none=True)
+        can_reset = _reset_peak()
+        base = _rss_kb("VmRSS:")
+        step()
+        out["peak_extra_mb"] = (_rss_kb("VmHWM:") - base) / 1024 if can_reset else float("nan")
+        return out
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        step()
+        times.append(time.perf_counter() - t0)
+    times.sort()
+    out.update(median_s=times[len(times) // 2], min_s=times[0], max_s=times[-1], repeats=repeats)
+    return out
+
+
+# ------------------------------------------------------------------------------------ driver --
+def _worker_process(cfg, impl, repeats, scale, mode, timeout):
+    env = dict(os.environ)
+    if mode == "mem":
+        env.update(MALLOC_MMAP_THRESHOLD_="65536", MALLOC_TRIM_THRESHOLD_="0")
+    cmd = [sys.executable, __file__, "--worker", cfg, impl, str(repeats), str(scale), mode]
+    try:
+        out = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        return {"config": cfg, "impl": impl, "error": f"timed out after {timeout}s"}
+    if out.returncode != 0:
+        tail = (out.stderr or out.stdout).strip().splitlines()[-1:] or ["killed"]
+        return {"config": cfg, "impl": impl, "error": f"exit {out.returncode}: {tail[0][:200]}"}
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def run_case(cfg: str, impl: str, repeats: int, scale: float = 1.0, timeout: int = 1500, memory: bool = True) -> dict:
+    """Time in one subprocess, then (``memory``) peak extra memory in another."""
+    r = _worker_process(cfg, impl, repeats, scale, "time", timeout)
+    if memory and "error" not in r:
+        m = _worker_process(cfg, impl, 1, scale, "mem", timeout)
+        r["peak_extra_mb"] = m.get("peak_extra_mb", float("nan"))
+    return r
+
+
+def reference_estimate_gb(cfg: str) -> float:
+    """Peak extra memory of the eager reference, extrapolated linearly in pixels from a 1/2-size run."""
+    r = _worker_process(cfg, "reference", 1, 0.5, "mem", 1500)
+    if "error" in r:
+        return float("nan")
+    B, C, spatial, L, native = CONFIGS[cfg]
+    full = 1
+    for s in spatial:
+        full *= s
+    small = 1
+    for s in r["spatial"]:
+        small *= s
+    return r["peak_extra_mb"] * full / small / 1024
+
+
+def needs_estimate(cfg: str, impl: str) -> bool:
+    """The eager/compiled reference on ct3d does not fit in 24 GB: estimate instead of crashing."""
+    return cfg.startswith("ct3d") and impl in ("reference", "compiled")
+
+
+def fmt_ratio(a, b):
+    return f"{a / b:6.1f}x" if a and b else "    n/a"
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--worker", nargs=5, help=argparse.SUPPRESS)
+    ap.add_argument("--configs", default=",".join(DEFAULT_CONFIGS))
+    ap.add_argument("--impls", default=",".join(IMPLS))
+    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--sweep", action="store_true", help="also run the L and pixel scaling sweeps")
+    args = ap.parse_args()
+    if args.worker:
+        cfg, impl, repeats, scale, mode = args.worker
+        print(json.dumps(worker(cfg, impl, int(repeats), float(scale), mode)))
+        return
+
+    RESULTS.mkdir(exist_ok=True)
+    import torch
+
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {os.cpu_count()} cpus")
+    rows = []
+    for cfg in args.configs.split(","):
+        for impl in args.impls.split(","):
+            if needs_estimate(cfg, impl):
+                if impl == "reference":
+                    gb = reference_estimate_gb(cfg)
+                    rows.append({"config": cfg, "impl": impl, "error": "does not fit in 24 GB",
+                                 "estimated_peak_gb": gb})
+                    print(f"{cfg:18s} {impl:10s} does not fit: needs ~{gb:.1f} GB extra (extrapolated from a half-size run)")
+                continue
+            r = run_case(cfg, impl, args.repeats if not cfg.startswith("ct3d") else max(2, args.repeats // 2))
+            rows.append(r)
+            if "error" in r:
+                print(f"{cfg:18s} {impl:10s} ERROR {r['error']}")
+            else:
+                print(f"{cfg:18s} {impl:10s} {r['median_s'] * 1e3:9.1f} ms  peak extra {r['peak_extra_mb']:9.1f} MB "
+                      f"(logits {r['logits_mb']:.1f} MB, {r['maps']} maps)", flush=True)
+    sweep = run_sweeps(args.repeats) if args.sweep else []
+    table = summarize(rows)
+    print("\n" + table)
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    (RESULTS / "latest.json").write_text(json.dumps({"rows": rows, "sweep": sweep, "stamp": stamp}, indent=1))
+    (RESULTS / "latest.md").write_text(table + "\n")
+    plot(rows, sweep)
+
+
+def summarize(rows) -> str:
+    by = {(r["config"], r["impl"]): r for r in rows}
+    lines = ["| config | maps | reference | compiled | cpu (fused) | speed-up vs eager | vs compiled | "
+             "peak extra mem: reference | cpu | mem ratio | cpu mem / (logits+grads) |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for cfg in dict.fromkeys(r["config"] for r in rows):
+        ref, comp, fused = by.get((cfg, "reference"), {}), by.get((cfg, "compiled"), {}), by.get((cfg, "cpu"), {})
+
+        def t(r):
+            return f"{r['median_s'] * 1e3:.0f} ms" if "median_s" in r else ("—" if not r else "does not fit")
+
+        def m(r):
+            if "peak_extra_mb" in r:
+                return f"{r['peak_extra_mb']:.0f} MB"
+            if "estimated_peak_gb" in r:
+                return f"~{r['estimated_peak_gb']:.0f} GB (est., does not fit)"
+            return "—"
+
+        ref_mem = ref.get("peak_extra_mb") or (ref.get("estimated_peak_gb", 0) * 1024) or None
+        f_mem = fused.get("peak_extra_mb")
+        lg = fused.get("logits_mb")
+        lines.append(
+            f"| {cfg} | {fused.get('maps', ref.get('maps', ''))} | {t(ref)} | {t(comp)} | {t(fused)} | "
+            f"{fmt_ratio(ref.get('median_s'), fused.get('median_s')).strip()} | "
+            f"{fmt_ratio(comp.get('median_s'), fused.get('median_s')).strip()} | {m(ref)} | {m(fused)} | "
+            f"{fmt_ratio(ref_mem, f_mem).strip()} | {f_mem / (2 * lg):.2f}x |" if f_mem and lg else
+            f"| {cfg} | | {t(ref)} | {t(comp)} | {t(fused)} | | | {m(ref)} | {m(fused)} | | |")
+    return "\n".join(lines)
+
+
+def run_sweeps(repeats):
+    out = []
+    for L in range(2, 7):
+        for impl in ("cpu", "reference"):
+            CONFIGS[f"sweepL{L}"] = (2, 9, (128, 128), L, False)
+            r = run_case(f"sweepL{L}", impl, repeats, memory=False)
+            out.append({"sweep": "L", "x": L, **r})
+            print(f"sweep L={L} {impl:10s} {r.get('median_s', float('nan')) * 1e3:8.1f} ms", flush=True)
+    for side in (64, 128, 256, 384):
+        for impl in ("cpu", "reference"):
+            CONFIGS[f"sweepP{side}"] = (2, 9, (side, side), 4, False)
+            r = run_case(f"sweepP{side}", impl, repeats, memory=False)
+            out.append({"sweep": "pixels", "x": 2 * side * side, **r})
+            print(f"sweep pixels={2 * side * side} {impl:10s} {r.get('median_s', float('nan')) * 1e3:8.1f} ms", flush=True)
+    return out
+
+
+def plot(rows, sweep):
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib not installed: no plot")
+        return
+    ncols = 3 if sweep else 1
+    fig, axes = plt.subplots(1, ncols, figsize=(6 * ncols, 4), squeeze=False)
+    ax = axes[0][0]
+    cfgs = list(dict.fromkeys(r["config"] for r in rows))
+    width = 0.8 / len(IMPLS)
+    for k, impl in enumerate(IMPLS):
+        vals = [next((r.get("median_s", 0) * 1e3 for r in rows if r["config"] == c and r["impl"] == impl), 0)
+                for c in cfgs]
+        ax.bar([i + k * width for i in range(len(cfgs))], vals, width, label=impl)
+    ax.set_xticks([i + width for i in range(len(cfgs))], cfgs, rotation=20)
+    ax.set_ylabel("forward+backward (ms)")
+    ax.set_yscale("log")
+    ax.legend()
+    ax.set_title("LoMix loss, CPU (0 = not run / does not fit)")
+    if sweep:
+        for ax, kind, xl in ((axes[0][1], "L", "decoder stages L"), (axes[0][2], "pixels", "pixels")):
+            for impl in ("cpu", "reference"):
+                pts = [(r["x"], r["median_s"] * 1e3) for r in sweep if r["sweep"] == kind and r.get("impl") == impl
+                       and "median_s" in r]
+                if pts:
+                    ax.plot(*zip(*pts), marker="o", label=impl)
+            ax.set_xlabel(xl)
+            ax.set_ylabel("ms")
+            ax.set_yscale("log")
+            ax.legend()
+    fig.tight_layout()
+    fig.savefig(RESULTS / "latest.png", dpi=110)
+    print(f"wrote {RESULTS / 'latest.png'}, {RESULTS / 'latest.json'}, {RESULTS / 'latest.md'}")
+
+
+if __name__ == "__main__":
+    main()
