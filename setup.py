@@ -15,7 +15,7 @@ class BuildPlainLibrary(build_ext):
 
     def build_extension(self, ext):
         march = os.environ.get("LOMIX_MARCH", "native")
-        base = ["-O3", "-std=c++17", "-fopenmp", "-fno-math-errno", "-Wall"]
+        base = ["-O3", "-std=c++17", "-fopenmp", "-fno-math-errno", "-fno-trapping-math", "-Wall"]
         ext.extra_link_args = ["-fopenmp"]
         try:
             ext.extra_compile_args = base + [f"-march={march}"]

@@ -194,7 +194,7 @@ std::vector<Item> make_items(const Problem& p) {
 struct Tile {
   int L, C, n = 0;                 // n valid pixels in the current tile
   std::vector<float> x, t, z, s, g, gx, score, alpha, dalpha;
-  float w[TP], lse[TP];
+  float w[TP], lse[TP], inv[TP];  // softmax: tl.s holds exp(z - max); inv = 1 / Σ_c
   Tile(int L_, int C_, int max_k) : L(L_), C(C_), x((size_t)L_ * C_ * TP), t((size_t)C_ * TP),
       z((size_t)C_ * TP), s((size_t)C_ * TP), g((size_t)C_ * TP), gx((size_t)L_ * C_ * TP),
       score((size_t)max_k * TP), alpha((size_t)max_k * TP), dalpha((size_t)max_k * TP) {}
@@ -311,7 +311,21 @@ const float* build_map(const Problem& pr, const Layout& ly, int u, Tile& tl) {
       const float* W = pr.cat_w + ly.cat_w_off[arg];
       const float* bias = pr.cat_b + ly.cat_b_off[arg];
       const int K = k * C;
-      for (int c = 0; c < C; ++c) {
+      int c = 0;
+      for (; c + 1 < C; c += 2) {  // two output classes per pass: each x row is loaded once
+        Row a0 = row_splat(bias[c]), a1 = row_splat(bias[c + 1]);
+        const float* W0 = W + (size_t)c * K;
+        const float* W1 = W0 + K;
+        for (int j = 0; j < k; ++j)
+          for (int c2 = 0; c2 < C; ++c2) {
+            const float* x = tl.xs(mem[j], c2);
+            row_fma(a0, W0[j * C + c2], x);
+            row_fma(a1, W1[j * C + c2], x);
+          }
+        row_store(z + (size_t)c * TP, a0);
+        row_store(z + (size_t)(c + 1) * TP, a1);
+      }
+      for (; c < C; ++c) {
         Row acc = row_splat(bias[c]);
         for (int j = 0; j < k; ++j)
           for (int c2 = 0; c2 < C; ++c2) row_fma(acc, W[(size_t)c * K + j * C + c2], tl.xs(mem[j], c2));
@@ -361,7 +375,8 @@ const float* build_map(const Problem& pr, const Layout& ly, int u, Tile& tl) {
   return z;
 }
 
-// Activation of map logits z (C×TP) into tl.s. Softmax also leaves lse in tl.lse.
+// Activation of map logits z (C×TP) into tl.s. Sigmoid: s = σ(z). Softmax: s = exp(z − max),
+// left unnormalized (consumers multiply by tl.inv = 1/Σ_c while they read it), and tl.lse.
 void activate(const Problem& pr, const float* __restrict z, Tile& tl) {
   const int C = (int)pr.classes;
   float* __restrict s = tl.s.data();
@@ -388,12 +403,11 @@ void activate(const Problem& pr, const float* __restrict z, Tile& tl) {
       sum[p] += e;
     }
   float* __restrict lse = tl.lse;
+  float* __restrict inv = tl.inv;
   for (int p = 0; p < TP; ++p) {
     lse[p] = m[p] + fast_log(sum[p]);
-    sum[p] = 1.0f / sum[p];
+    inv[p] = 1.0f / sum[p];
   }
-  for (int c = 0; c < C; ++c)
-    for (int p = 0; p < TP; ++p) s[(size_t)c * TP + p] *= sum[p];
 }
 
 // Accumulate the sums of one map (z, tl.s) into ce/inter/zsum (C each, double).
@@ -402,6 +416,7 @@ void accumulate_stats(const Problem& pr, const float* __restrict z, Tile& tl, do
   const float* __restrict s = tl.s.data();
   const float* __restrict w = tl.w;
   const float* __restrict lse = tl.lse;
+  const float* __restrict inv = tl.inv;
   for (int c = 0; c < C; ++c) {
     const float* __restrict zr = z + (size_t)c * TP;
     const float* __restrict sr = s + (size_t)c * TP;
@@ -418,9 +433,10 @@ void accumulate_stats(const Problem& pr, const float* __restrict z, Tile& tl, do
     } else {
 #pragma omp simd reduction(+ : a_ce, a_i, a_z)
       for (int p = 0; p < TP; ++p) {
+        const float sv = sr[p] * inv[p];
         a_ce += w[p] * tr[p] * (lse[p] - zr[p]);
-        a_i += w[p] * sr[p] * tr[p];
-        a_z += w[p] * (pr.q == 2 ? sr[p] * sr[p] : sr[p]);
+        a_i += w[p] * sv * tr[p];
+        a_z += w[p] * (pr.q == 2 ? sv * sv : sv);
       }
     }
     ce[c] += a_ce;
@@ -432,7 +448,7 @@ void accumulate_stats(const Problem& pr, const float* __restrict z, Tile& tl, do
 // dL/dz_u (C×TP) into tl.g from the statistic gradients of map u, sample b (C each).
 void map_grad(const Problem& pr, Tile& tl, const float* gce, const float* gi, const float* gz) {
   const int C = (int)pr.classes;
-  const float* __restrict s = tl.s.data();
+  const float* s = tl.s.data();
   const float* __restrict t = tl.t.data();
   float* __restrict g = tl.g.data();
   const float* __restrict w = tl.w;
@@ -451,16 +467,20 @@ void map_grad(const Problem& pr, Tile& tl, const float* gce, const float* gi, co
     return;
   }
   float dot[TP], a[TP];
+  const float* __restrict inv = tl.inv;
+  float* __restrict sw = tl.s.data();  // normalized here, in place
   for (int p = 0; p < TP; ++p) { dot[p] = 0.0f; a[p] = 0.0f; }
   for (int c = 0; c < C; ++c) {
-    const float* __restrict sr = s + (size_t)c * TP;
+    float* __restrict sr = sw + (size_t)c * TP;
     const float* __restrict tr = t + (size_t)c * TP;
     float* __restrict gr = g + (size_t)c * TP;
     const float gic = gi[c], gzc = gz[c], gcec = gce[c];
     for (int p = 0; p < TP; ++p) {
-      const float gs = gic * tr[p] + gzc * (pr.q == 2 ? qf * sr[p] : 1.0f);
+      const float sv = sr[p] * inv[p];
+      sr[p] = sv;
+      const float gs = gic * tr[p] + gzc * (pr.q == 2 ? qf * sv : 1.0f);
       gr[p] = gs;
-      dot[p] += gs * sr[p];
+      dot[p] += gs * sv;
       a[p] += gcec * tr[p];
     }
   }
@@ -480,6 +500,11 @@ constexpr int LANES = 16;
 inline void lane_dot(float* acc, const float* a, const float* b) {
   v16 r = *(const v16*)acc;
   for (int i = 0; i < NV; ++i) r += *(const v16*)(a + 16 * i) * *(const v16*)(b + 16 * i);
+  *(v16*)acc = r;
+}
+inline void lane_dot_row(float* acc, const Row& a, const float* b) {
+  v16 r = *(const v16*)acc;
+  for (int i = 0; i < NV; ++i) r += a.v[i] * *(const v16*)(b + 16 * i);
   *(v16*)acc = r;
 }
 inline void lane_sum(float* __restrict acc, const float* __restrict a) {
@@ -535,8 +560,10 @@ void op_backward(const Problem& pr, const Layout& ly, int u, Tile& tl, float* dp
       for (int c = 0; c < C; ++c) {
         const float* gr = g + (size_t)c * TP;
         lane_sum(db + LANES * c, gr);
+        const Row grow = row_load(gr);  // held in registers across the K dot products
+        float* dWc = dW + LANES * (size_t)c * K;
         for (int j = 0; j < k; ++j)
-          for (int c2 = 0; c2 < C; ++c2) lane_dot(dW + LANES * ((size_t)c * K + j * C + c2), gr, tl.xs(mem[j], c2));
+          for (int c2 = 0; c2 < C; ++c2) lane_dot_row(dWc + LANES * (j * C + c2), grow, tl.xs(mem[j], c2));
       }
       for (int j = 0; j < k; ++j)
         for (int c2 = 0; c2 < C; ++c2) {
