@@ -4,12 +4,12 @@
     crit = lk.LoMixLoss(num_stages=4, num_classes=9)        # 48 maps, learned softplus weights
     loss = crit(logits, target)                              # logits: 4 tensors, coarse -> fine
 """
-from . import spec
+from . import report, spec
 from .finish import LossOptions, LossTerms, MapStats, finish
 from .functional import lomix_loss
 from .module import LoMixLoss
 from .spec import build_maps, num_maps, subsets
 
-__all__ = ["LoMixLoss", "lomix_loss", "spec", "subsets", "num_maps", "build_maps", "finish", "MapStats",
+__all__ = ["LoMixLoss", "lomix_loss", "spec", "report", "subsets", "num_maps", "build_maps", "finish", "MapStats",
            "LossTerms", "LossOptions"]
 __version__ = "0.1.0"

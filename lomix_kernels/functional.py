@@ -10,13 +10,14 @@ from torch import Tensor
 
 from . import cpu, spec
 from .finish import LossOptions, MapStats, finish
-from .fused import fused_stats
+from .fused import fused_stats, register_ops
 from .inputs import Inputs, check_inputs, check_values
 from .params import check_params
 from .reference import reference_stats
 
 BACKENDS = ("auto", "reference", "cpu", "triton")
 _warned_fallback = False
+CPU_STATS_OP, _ = register_ops("cpu", cpu.CpuKernels)
 
 
 def _triton_module():
@@ -98,19 +99,33 @@ def compute_loss(
             check_values(inputs, num_classes, opts.activation, opts.ignore_index)
         stats = reference_stats(inputs, maps, cat_weight, cat_bias, awf_weight, awf_bias, opts, awf_param)
     elif name == "cpu":  # the kernel validates the data while it streams it
-        stats = fused_stats(cpu.CpuKernels, inputs, maps, cat_weight, cat_bias, awf_weight, awf_bias,
+        stats = fused_stats(CPU_STATS_OP, inputs, maps, cat_weight, cat_bias, awf_weight, awf_bias,
                             opts, awf_param)
     else:
         triton_backend = _triton_module()
         if validate and not torch.compiler.is_compiling():
             check_values(inputs, num_classes, opts.activation, opts.ignore_index)
-        stats = fused_stats(triton_backend.TritonKernels, inputs, maps, cat_weight, cat_bias, awf_weight,
+        stats = fused_stats(triton_backend.STATS_OP, inputs, maps, cat_weight, cat_bias, awf_weight,
                             awf_bias, opts, awf_param)
     if sync_stats:
         stats = _all_reduce_stats(stats)
+        weights = _share_of_gradient(weights)
     if stats.ce.dtype != torch.float64:  # fused backends accumulate in float32; reference may be half
         stats = MapStats(*(s.float() for s in stats))
     return finish(stats, weights, opts, soft_target=inputs.soft)
+
+
+def _share_of_gradient(weights: Tensor) -> Tensor:
+    """Same value; gradient divided by the world size.
+
+    With synced statistics every rank finishes the same global loss, so θ would get the full
+    gradient on each rank. Scaling it makes every gradient a per-rank share whose sum over ranks
+    is the single-process gradient (the logits' and the mixing parameters' already are).
+    """
+    import torch.distributed as dist
+
+    world = dist.get_world_size()
+    return weights / world + (weights - weights / world).detach()
 
 
 def _all_reduce_stats(stats: MapStats) -> MapStats:

@@ -1,14 +1,22 @@
-"""The autograd wiring shared by every fused backend (cpu, triton).
+"""The autograd and ``torch.library`` wiring shared by every fused backend (cpu, triton).
 
-A backend supplies a ``kernels`` object with ``plan``, ``forward`` and ``backward`` (see
-:class:`lomix_kernels.cpu.CpuKernels`). The forward returns only :class:`MapStats`; the
-backward receives the statistic gradients (from autograd of the finish) and returns the
-gradients of the logits and of the packed mixing parameters. Only the inputs and the small sums
-are saved: nothing of size M × pixels ever exists.
+A backend supplies a ``kernels`` object with ``forward`` and ``backward`` (see
+:class:`lomix_kernels.cpu.CpuKernels`). :func:`register_ops` wraps them as two
+``torch.library`` custom ops with fake (meta) implementations, so ``torch.compile`` traces
+the loss without a graph break:
+
+- ``lomix_kernels::<name>_stats(logits, target, pixel_weight, params…, tables, meta)`` ->
+  the six :class:`MapStats` tensors;
+- ``lomix_kernels::<name>_stats_backward(…, gce, ginter, gzsum, …)`` -> L logits grads + the
+  packed parameter grads.
+
+Autograd of the first op calls the second with the statistic gradients. Only the inputs and
+the small sums are saved: nothing of size M × pixels ever exists.
 """
 from __future__ import annotations
 
-from typing import Sequence
+from dataclasses import dataclass
+from typing import List, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor
@@ -19,35 +27,112 @@ from .inputs import Inputs, target_classes, upsample
 from .params import dense_awf
 
 
-class FusedStats(torch.autograd.Function):
-    """(target, pixel_weight, packed params, *logits) -> MapStats fields, via fused kernels."""
+@dataclass(frozen=True)
+class Plan:
+    """What the kernels need to know besides the tensors, as plain ints (custom-op friendly).
+
+    map_op/map_arg: per map, the op code and its stage (orig) or subset index;
+    subset_size/subset_members: the subsets of size >= 2 in map order.
+    """
+
+    map_op: Tuple[int, ...]
+    map_arg: Tuple[int, ...]
+    subset_size: Tuple[int, ...]
+    subset_members: Tuple[int, ...]
+    sigmoid: int
+    q: int
+    has_ignore: int
+    ignore_index: int
+    num_labels: int
+    block_diagonal: int
+
+    @property
+    def num_maps(self) -> int:
+        return len(self.map_op)
 
     @staticmethod
-    def forward(ctx, kernels, plan, target, pixel_weight, cat_w, cat_b, awf_v, awf_c, *logits):
-        params = (cat_w, cat_b, awf_v, awf_c)
-        stats = kernels.forward(plan, logits, target, pixel_weight, params)
-        ctx.kernels, ctx.plan = kernels, plan
-        ctx.save_for_backward(target, pixel_weight, *params, *logits)
-        ctx.mark_non_differentiable(stats.tsum, stats.tpow, stats.count)
-        return tuple(stats)
+    def build(maps, num_stages: int, num_classes: int, opts: LossOptions, awf_param: str) -> "Plan":
+        subs = spec.subsets(num_stages)
+        return Plan(
+            map_op=tuple(spec.OP_CODES[m.op] for m in maps),
+            map_arg=tuple(m.members[0] if m.op == "orig" else m.subset_index for m in maps),
+            subset_size=tuple(len(s) for s in subs),
+            subset_members=tuple(i for s in subs for i in s),
+            sigmoid=int(opts.activation == "sigmoid"), q=opts.q,
+            has_ignore=int(opts.ignore_index is not None),
+            ignore_index=0 if opts.ignore_index is None else int(opts.ignore_index),
+            num_labels=target_classes(num_classes, opts.activation),
+            block_diagonal=int(awf_param == "official"))
+
+    def to_lists(self) -> Tuple[List[int], List[int]]:
+        tables = [*self.map_op, *self.map_arg, *self.subset_size, *self.subset_members]
+        meta = [self.num_maps, len(self.subset_size), self.sigmoid, self.q, self.has_ignore, self.ignore_index,
+                self.num_labels, self.block_diagonal]
+        return tables, meta
 
     @staticmethod
-    def backward(ctx, gce, ginter, gzsum, _gtsum, _gtpow, _gcount):
+    def from_lists(tables: Sequence[int], meta: Sequence[int]) -> "Plan":
+        M, S = meta[0], meta[1]
+        return Plan(tuple(tables[:M]), tuple(tables[M:2 * M]), tuple(tables[2 * M:2 * M + S]),
+                    tuple(tables[2 * M + S:]), *meta[2:])
+
+
+def register_ops(name: str, kernels):
+    """Define ``lomix_kernels::<name>_stats`` (+ backward) custom ops around ``kernels``."""
+    qual = f"lomix_kernels::{name}_stats"
+
+    @torch.library.custom_op(qual, mutates_args=())
+    def stats_op(logits: List[Tensor], target: Tensor, pixel_weight: Optional[Tensor], cat_w: Tensor,
+                 cat_b: Tensor, awf_v: Tensor, awf_c: Tensor, tables: List[int], meta: List[int]
+                 ) -> Tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
+        plan = Plan.from_lists(tables, meta)
+        return tuple(kernels.forward(plan, logits, target, pixel_weight, (cat_w, cat_b, awf_v, awf_c)))
+
+    @stats_op.register_fake
+    def _(logits, target, pixel_weight, cat_w, cat_b, awf_v, awf_c, tables, meta):
+        M, (B, C) = meta[0], logits[0].shape[:2]
+
+        def f(*shape):
+            return logits[0].new_empty(shape, dtype=torch.float32)
+
+        return f(M, B, C), f(M, B, C), f(M, B, C), f(B, C), f(B, C), f(B)
+
+    @torch.library.custom_op(qual + "_backward", mutates_args=())
+    def backward_op(logits: List[Tensor], target: Tensor, pixel_weight: Optional[Tensor], cat_w: Tensor,
+                    cat_b: Tensor, awf_v: Tensor, awf_c: Tensor, gce: Tensor, ginter: Tensor, gzsum: Tensor,
+                    tables: List[int], meta: List[int]) -> List[Tensor]:
+        plan = Plan.from_lists(tables, meta)
+        grads, dparams = kernels.backward(plan, logits, target, pixel_weight, (cat_w, cat_b, awf_v, awf_c),
+                                          gce, ginter, gzsum)
+        return [*grads, dparams]
+
+    @backward_op.register_fake
+    def _(logits, target, pixel_weight, cat_w, cat_b, awf_v, awf_c, gce, ginter, gzsum, tables, meta):
+        n = cat_w.numel() + cat_b.numel() + awf_v.numel() + awf_c.numel()
+        return [torch.empty_like(z) for z in logits] + [cat_w.new_empty(n, dtype=torch.float32)]
+
+    def setup_context(ctx, inputs, output):
+        logits, target, pixel_weight, cat_w, cat_b, awf_v, awf_c, tables, meta = inputs
+        ctx.save_for_backward(target, pixel_weight, cat_w, cat_b, awf_v, awf_c, *logits)
+        ctx.tables, ctx.meta = tables, meta
+        ctx.mark_non_differentiable(*output[3:])
+
+    def backward(ctx, gce, ginter, gzsum, *_):
         target, pixel_weight, *rest = ctx.saved_tensors
-        params, logits = tuple(rest[:4]), tuple(rest[4:])
-        if not any(ctx.needs_input_grad[4:]):
-            return (None,) * (8 + len(logits))
-        stat_shape = (ctx.plan["num_maps"], *logits[0].shape[:2])
+        params, logits = rest[:4], list(rest[4:])
+        shape = (ctx.meta[0], *logits[0].shape[:2])
 
         def ready(g):
-            return torch.zeros(stat_shape, dtype=torch.float32) if g is None else g.float().contiguous()
+            return logits[0].new_zeros(shape, dtype=torch.float32) if g is None else g.float().contiguous()
 
-        grads, dparams = ctx.kernels.backward(ctx.plan, logits, target, pixel_weight, params,
-                                              ready(gce), ready(ginter), ready(gzsum))
-        dparam_parts = list(torch.split(dparams, [p.numel() for p in params]))
-        dparam_parts = [d if need else None for d, need in zip(dparam_parts, ctx.needs_input_grad[4:8])]
-        grads = [g if need else None for g, need in zip(grads, ctx.needs_input_grad[8:])]
-        return (None, None, None, None, *dparam_parts, *grads)
+        out = backward_op(logits, target, pixel_weight, *params, ready(gce), ready(ginter), ready(gzsum),
+                          ctx.tables, ctx.meta)
+        grads, dparams = out[:-1], out[-1]
+        dparts = torch.split(dparams, [p.numel() for p in params])
+        return (list(grads), None, None, *dparts, None, None)
+
+    stats_op.register_autograd(backward, setup_context=setup_context)
+    return stats_op, backward_op
 
 
 def packed_params(maps, num_stages: int, num_classes: int, cat_w, cat_b, awf_w, awf_b, awf_param: str):
@@ -61,7 +146,8 @@ def packed_params(maps, num_stages: int, num_classes: int, cat_w, cat_b, awf_w, 
     def flat(tensors):
         return torch.cat([t.reshape(-1) for t in tensors]).float()
 
-    out = [torch.zeros(n, dtype=torch.float32) for n in sizes]
+    out = [torch.zeros(n, dtype=torch.float32, device=device) for n, device in
+           zip(sizes, [_device(cat_w, awf_w)] * 4)]
     if "cat" in used:
         out[0], out[1] = flat(cat_w), flat(cat_b)
     if "awf" in used:
@@ -70,9 +156,16 @@ def packed_params(maps, num_stages: int, num_classes: int, cat_w, cat_b, awf_w, 
     return out
 
 
-def fused_stats(kernels, inputs: Inputs, maps: Sequence[spec.MapInfo], cat_w, cat_b, awf_w, awf_b,
+def _device(*groups):
+    for g in groups:
+        if g:
+            return g[0].device
+    return torch.device("cpu")
+
+
+def fused_stats(stats_op, inputs: Inputs, maps: Sequence[spec.MapInfo], cat_w, cat_b, awf_w, awf_b,
                 opts: LossOptions, awf_param: str) -> MapStats:
-    """MapStats of all ``maps`` computed by the fused ``kernels``, differentiable by autograd."""
+    """MapStats of all ``maps`` computed by a fused backend's custom op, differentiable by autograd."""
     num_stages, num_classes = len(inputs.logits), inputs.logits[0].shape[1]
     logits = [upsample(z, inputs.spatial).contiguous() for z in inputs.logits]
     target = inputs.target.contiguous()
@@ -80,6 +173,5 @@ def fused_stats(kernels, inputs: Inputs, maps: Sequence[spec.MapInfo], cat_w, ca
         target = target.float()
     pixel_weight = None if inputs.pixel_weight is None else inputs.pixel_weight.float().contiguous()
     params = packed_params(maps, num_stages, num_classes, cat_w, cat_b, awf_w, awf_b, awf_param)
-    plan = kernels.plan(maps, num_stages, num_classes, opts, target_classes(num_classes, opts.activation), awf_param)
-    out = FusedStats.apply(kernels, plan, target, pixel_weight, *params, *logits)
-    return MapStats(*out)
+    tables, meta = Plan.build(maps, num_stages, num_classes, opts, awf_param).to_lists()
+    return MapStats(*stats_op(logits, target, pixel_weight, *params, tables, meta))

@@ -99,6 +99,12 @@ class LoMixLoss(nn.Module):
         """(M,) the current map weights w_u (softplus(θ) when learned, else the fixed weights)."""
         return map_weights(self.theta, self.learn_weights)
 
+    def report(self) -> list[dict]:
+        """One row per map (name, op, subset, weight, last ℓ/CE/Dice): see :mod:`lomix_kernels.report`."""
+        from .report import map_table
+
+        return map_table(self)
+
     def options(self) -> LossOptions:
         return LossOptions(**self._opts, class_weight=self.class_weight)
 

@@ -57,7 +57,7 @@ def run(crit, logits, target, pixel_weight=None, grad_scale=1.0):
 
 def rel_err(a, b):
     """‖a − b‖ / ‖b‖ in float64 (‖b‖ = 0 falls back to the absolute norm)."""
-    a, b = a.double(), b.double()
+    a, b = a.detach().double(), b.detach().double()
     den = b.norm()
     return float((a - b).norm() / den) if den > 0 else float((a - b).norm())
 
