@@ -33,7 +33,7 @@ enum TargetKind : int32_t { TK_U8 = 0, TK_I16 = 1, TK_I32 = 2, TK_I64 = 3, TK_SO
 enum Err : int32_t { ERR_NONE = 0, ERR_CLASS = 1, ERR_LOGIT = 2, ERR_WEIGHT = 3, ERR_SOFT = 4 };
 
 struct Problem {
-  int64_t batch, classes, pixels;  // B, C, P (pixels per sample)
+  int64_t batch, classes, pixels;  // B, C, P (target pixels per sample)
   int32_t num_stages, num_maps, num_subsets;
   int32_t logit_dtype;             // DType
   int32_t target_kind;             // TargetKind
@@ -44,7 +44,10 @@ struct Problem {
   int32_t num_labels;              // valid integer labels: C, or 2 for binary sigmoid (C = 1)
   int32_t num_threads;
   int32_t awf_block_diagonal;      // awf_v is block-diagonal (official): skip off-block gradients
-  const void* const* logits;       // L pointers, (B, C, P)
+  int32_t spatial_rank;            // 2 or 3
+  int64_t out_size[3];             // target spatial size (D, H, W); 2D: D = 1
+  const int64_t* stage_size;       // (L, 3) native spatial size of each stage, same convention
+  const void* const* logits;       // L pointers, (B, C, native pixels of stage i)
   const void* target;              // (B, P) integers or (B, C, P) float32
   const float* pixel_weight;       // (B, P) or null
   const int32_t* map_op;           // (M,) Op
@@ -176,17 +179,65 @@ struct Layout {
   int64_t num_params() const { return cat_w_n + cat_b_n + awf_v_n + awf_c_n; }
 };
 
-// Work items: sample b, pixel range [p0, p1). Depends only on (B, P): fixed reduction order.
-struct Item { int64_t b, p0, p1; };
+// ---- fused upsampling (bilinear / trilinear, align_corners=False, as F.interpolate) ----------
+// Per stage and axis, for every output coordinate: the two source indices and their weights,
+// computed exactly as PyTorch's CPU kernel does (float math, src = max(scale·(dst+0.5) − 0.5, 0)).
+struct Axis { std::vector<int32_t> i0, i1; std::vector<float> l0, l1; };
+struct Stage {
+  bool resampled = false;
+  int64_t size[3] = {1, 1, 1};
+  int64_t pixels = 1;              // native pixels per sample
+  Axis axis[3];
+};
+std::vector<Stage> make_stages(const Problem& pr) {
+  std::vector<Stage> st(pr.num_stages);
+  for (int i = 0; i < pr.num_stages; ++i) {
+    Stage& S = st[i];
+    S.pixels = 1;
+    for (int a = 0; a < 3; ++a) {
+      const int64_t in = pr.stage_size[3 * i + a], out = pr.out_size[a];
+      S.size[a] = in;
+      S.pixels *= in;
+      S.resampled |= in != out;
+      Axis& ax = S.axis[a];
+      ax.i0.resize(out); ax.i1.resize(out); ax.l0.resize(out); ax.l1.resize(out);
+      const float scale = (float)in / (float)out;
+      for (int64_t o = 0; o < out; ++o) {
+        if (in == out) { ax.i0[o] = ax.i1[o] = (int32_t)o; ax.l0[o] = 1.0f; ax.l1[o] = 0.0f; continue; }
+        float src = scale * ((float)o + 0.5f) - 0.5f;
+        src = src < 0.0f ? 0.0f : src;
+        const int64_t j0 = (int64_t)src;
+        const float l1 = std::min(std::max(src - (float)j0, 0.0f), 1.0f);
+        ax.i0[o] = (int32_t)j0;
+        ax.i1[o] = (int32_t)(j0 + (j0 < in - 1 ? 1 : 0));
+        ax.l1[o] = l1;
+        ax.l0[o] = 1.0f - l1;
+      }
+    }
+  }
+  return st;
+}
+
+// Work items: sample b and a band of whole output rows along the outermost spatial axis
+// (D in 3D, H in 2D), pixel range [p0, p1). Depends only on the shapes: fixed reduction order.
+// A band touches native rows [n0[i], n1[i]] of each stage i (for the backward's scatter).
+constexpr int OUTER_2D = 1, OUTER_3D = 0;
+struct Item { int64_t b, p0, p1, r0, r1; };
+inline int outer_axis(const Problem& p) { return p.spatial_rank == 3 ? OUTER_3D : OUTER_2D; }
 std::vector<Item> make_items(const Problem& p) {
-  const int64_t tiles = (p.pixels + TP - 1) / TP;
+  const int oa = outer_axis(p);
+  const int64_t rows = p.out_size[oa];
+  const int64_t row_px = p.pixels / rows;
   int64_t per_sample = std::max<int64_t>(1, (256 + p.batch - 1) / p.batch);
-  per_sample = std::min(per_sample, tiles);
-  const int64_t tiles_per_chunk = std::min<int64_t>((tiles + per_sample - 1) / per_sample, 64);
+  per_sample = std::min(per_sample, rows);
+  int64_t rows_per_item = (rows + per_sample - 1) / per_sample;
+  rows_per_item = std::max<int64_t>(1, std::min(rows_per_item, (64 * TP) / std::max<int64_t>(1, row_px)));
   std::vector<Item> items;
   for (int64_t b = 0; b < p.batch; ++b)
-    for (int64_t t0 = 0; t0 < tiles; t0 += tiles_per_chunk)
-      items.push_back({b, t0 * TP, std::min(p.pixels, (t0 + tiles_per_chunk) * TP)});
+    for (int64_t r0 = 0; r0 < rows; r0 += rows_per_item) {
+      const int64_t r1 = std::min(rows, r0 + rows_per_item);
+      items.push_back({b, r0 * row_px, r1 * row_px, r0, r1});
+    }
   return items;
 }
 
@@ -195,6 +246,8 @@ struct Tile {
   int L, C, n = 0;                 // n valid pixels in the current tile
   std::vector<float> x, t, z, s, g, gx, score, alpha, dalpha;
   float w[TP], lse[TP], inv[TP];  // softmax: tl.s holds exp(z - max); inv = 1 / Σ_c
+  int64_t cidx[TP][8];             // resampled stage: native flat indices of the 2^rank corners
+  float cw[TP][8];                 // and their weights
   Tile(int L_, int C_, int max_k) : L(L_), C(C_), x((size_t)L_ * C_ * TP), t((size_t)C_ * TP),
       z((size_t)C_ * TP), s((size_t)C_ * TP), g((size_t)C_ * TP), gx((size_t)L_ * C_ * TP),
       score((size_t)max_k * TP), alpha((size_t)max_k * TP), dalpha((size_t)max_k * TP) {}
@@ -211,18 +264,60 @@ inline void load_labels(const T* src, int n, int64_t* dst) {
 
 // Load logits, target and pixel weights of tile [p0, p0 + n) of sample b into `tl`.
 // Pads the tail with zeros (w = 0). Reports the first bad value in `err` when `check`.
-void load_tile(const Problem& pr, int64_t b, int64_t p0, int n, Tile& tl, bool check, ItemError& err) {
+inline float load_one(int32_t dtype, const void* base, int64_t i) {
+  switch (dtype) {
+    case DT_F32: return ((const float*)base)[i];
+    case DT_F16: return half_to_float(((const uint16_t*)base)[i]);
+    default:     return bf16_to_float(((const uint16_t*)base)[i]);
+  }
+}
+
+// Corner indices (native flat, within a sample) and weights of output pixels q0 .. q0+n−1.
+int corners(const Problem& pr, const Stage& S, int64_t q0, int n, Tile& tl) {
+  const int64_t H = pr.out_size[1], W = pr.out_size[2];
+  const int K = pr.spatial_rank == 3 ? 8 : 4;
+  for (int p = 0; p < n; ++p) {
+    const int64_t q = q0 + p;
+    const int64_t od = q / (H * W), oh = (q / W) % H, ow = q % W;
+    const Axis &ad = S.axis[0], &ah = S.axis[1], &aw = S.axis[2];
+    const int64_t d[2] = {ad.i0[od], ad.i1[od]}, h[2] = {ah.i0[oh], ah.i1[oh]}, w[2] = {aw.i0[ow], aw.i1[ow]};
+    const float ld[2] = {ad.l0[od], ad.l1[od]}, lh[2] = {ah.l0[oh], ah.l1[oh]}, lw[2] = {aw.l0[ow], aw.l1[ow]};
+    for (int k = 0; k < K; ++k) {
+      const int bd = (k >> 2) & 1, bh = (k >> 1) & 1, bw = k & 1;
+      tl.cidx[p][k] = (d[bd] * S.size[1] + h[bh]) * S.size[2] + w[bw];
+      tl.cw[p][k] = ld[bd] * (lh[bh] * lw[bw]);
+    }
+  }
+  return K;
+}
+
+// Load logits, target and pixel weights of tile [p0, p0 + n) of sample b into `tl`.
+// Resampled stages are interpolated on the fly from their native resolution.
+// Pads the tail with zeros (w = 0). Reports the first bad value in `err` when `check`.
+void load_tile(const Problem& pr, const std::vector<Stage>& stages, int64_t b, int64_t p0, int n, Tile& tl,
+               bool check, ItemError& err) {
   const int L = pr.num_stages, C = (int)pr.classes;
   const int64_t P = pr.pixels;
   tl.n = n;
   for (int i = 0; i < L; ++i) {
+    const Stage& S = stages[i];
+    const int K = S.resampled ? corners(pr, S, p0, n, tl) : 0;
     for (int c = 0; c < C; ++c) {
       float* dst = tl.xs(i, c);
-      const int64_t off = (b * C + c) * P + p0;
-      switch (pr.logit_dtype) {
-        case DT_F32: { const float* src = (const float*)pr.logits[i] + off; for (int p = 0; p < n; ++p) dst[p] = src[p]; break; }
-        case DT_F16: { const uint16_t* src = (const uint16_t*)pr.logits[i] + off; for (int p = 0; p < n; ++p) dst[p] = half_to_float(src[p]); break; }
-        default:     { const uint16_t* src = (const uint16_t*)pr.logits[i] + off; for (int p = 0; p < n; ++p) dst[p] = bf16_to_float(src[p]); break; }
+      if (S.resampled) {
+        const int64_t base = (b * C + c) * S.pixels;
+        for (int p = 0; p < n; ++p) {
+          float v = 0.0f;
+          for (int k = 0; k < K; ++k) v += tl.cw[p][k] * load_one(pr.logit_dtype, pr.logits[i], base + tl.cidx[p][k]);
+          dst[p] = v;
+        }
+      } else {
+        const int64_t off = (b * C + c) * P + p0;
+        switch (pr.logit_dtype) {
+          case DT_F32: { const float* src = (const float*)pr.logits[i] + off; for (int p = 0; p < n; ++p) dst[p] = src[p]; break; }
+          case DT_F16: { const uint16_t* src = (const uint16_t*)pr.logits[i] + off; for (int p = 0; p < n; ++p) dst[p] = half_to_float(src[p]); break; }
+          default:     { const uint16_t* src = (const uint16_t*)pr.logits[i] + off; for (int p = 0; p < n; ++p) dst[p] = bf16_to_float(src[p]); break; }
+        }
       }
       for (int p = n; p < TP; ++p) dst[p] = 0.0f;
       if (check && err.code == ERR_NONE) {
@@ -653,6 +748,7 @@ int lomix_cpu_forward(const Problem* prp, float* ce, float* inter, float* zsum, 
   const Problem& pr = *prp;
   const Layout ly(pr);
   const int C = ly.C, M = ly.M;
+  const std::vector<Stage> stages = make_stages(pr);
   const std::vector<Item> items = make_items(pr);
   const int64_t nI = (int64_t)items.size();
   const size_t map_block = (size_t)3 * M * C;   // ce, inter, zsum per map and class
@@ -669,7 +765,7 @@ int lomix_cpu_forward(const Problem* prp, float* ce, float* inter, float* zsum, 
       double* acc = &part[(size_t)it * item_block];
       for (int64_t p0 = item.p0; p0 < item.p1; p0 += TP) {
         const int n = (int)std::min<int64_t>(TP, item.p1 - p0);
-        load_tile(pr, item.b, p0, n, tl, true, errs[it]);
+        load_tile(pr, stages, item.b, p0, n, tl, true, errs[it]);
         if (errs[it].code != ERR_NONE) break;
         for (int u = 0; u < M; ++u) {
           const float* z = build_map(pr, ly, u, tl);
@@ -729,11 +825,18 @@ int lomix_cpu_backward(const Problem* prp, const float* gce, const float* ginter
   const Layout ly(pr);
   const int C = ly.C, M = ly.M, L = ly.L;
   const int64_t B = pr.batch, P = pr.pixels;
+  const std::vector<Stage> stages = make_stages(pr);
   const std::vector<Item> items = make_items(pr);
   const int64_t nI = (int64_t)items.size();
   const int64_t nP = ly.num_params();
   std::vector<double> part((size_t)nI * nP, 0.0);
   std::vector<ItemError> errs(nI);
+  // Resampled stages: each item scatters the interpolation adjoint into a private double buffer
+  // over the native rows its band touches; buffers are summed in item order afterwards.
+  const int oa = outer_axis(pr);
+  auto row_stride = [&](const Stage& S) { return oa == OUTER_3D ? S.size[1] * S.size[2] : S.size[2]; };
+  std::vector<std::vector<double>> scatter((size_t)nI * L);
+  std::vector<int64_t> first_row((size_t)nI * L, 0);
 
 #pragma omp parallel num_threads(num_threads(pr))
   {
@@ -746,7 +849,7 @@ int lomix_cpu_backward(const Problem* prp, const float* gce, const float* ginter
       std::fill(lanes.begin(), lanes.end(), 0.0f);
       for (int64_t p0 = item.p0; p0 < item.p1; p0 += TP) {
         const int n = (int)std::min<int64_t>(TP, item.p1 - p0);
-        load_tile(pr, item.b, p0, n, tl, false, errs[it]);
+        load_tile(pr, stages, item.b, p0, n, tl, false, errs[it]);
         std::fill(tl.gx.begin(), tl.gx.end(), 0.0f);
         for (int u = 0; u < M; ++u) {
           const size_t o = ((size_t)u * B + item.b) * C;
@@ -755,8 +858,29 @@ int lomix_cpu_backward(const Problem* prp, const float* gce, const float* ginter
           map_grad(pr, tl, gce + o, ginter + o, gzsum + o);
           op_backward(pr, ly, u, tl, dp);
         }
+        for (int i = 0; i < L; ++i) {
+          const Stage& S = stages[i];
+          if (!S.resampled) continue;
+          std::vector<double>& buf = scatter[(size_t)it * L + i];
+          const int64_t stride = row_stride(S);
+          if (buf.empty()) {
+            const Axis& ax = S.axis[oa];
+            first_row[(size_t)it * L + i] = ax.i0[item.r0];
+            buf.assign((size_t)(ax.i1[item.r1 - 1] - ax.i0[item.r0] + 1) * stride * C, 0.0);
+          }
+          const int64_t off = first_row[(size_t)it * L + i] * stride;
+          const int64_t len = (int64_t)buf.size() / C;
+          const int K = corners(pr, S, p0, n, tl);
+          for (int c = 0; c < C; ++c) {
+            const float* g = tl.gxs(i, c);
+            double* bc = buf.data() + (size_t)c * len;
+            for (int p = 0; p < n; ++p)
+              for (int k = 0; k < K; ++k) bc[tl.cidx[p][k] - off] += (double)(tl.cw[p][k] * g[p]);
+          }
+        }
         for (int i = 0; i < L; ++i)
           for (int c = 0; c < C; ++c) {
+            if (stages[i].resampled) continue;
             const float* src = tl.gxs(i, c);
             const int64_t off = (item.b * C + c) * P + p0;
             switch (pr.logit_dtype) {
@@ -771,6 +895,32 @@ int lomix_cpu_backward(const Problem* prp, const float* gce, const float* ginter
         double acc = 0.0;
         for (int l = 0; l < LANES; ++l) acc += dp[(size_t)e * LANES + l];
         out[e] = acc;
+      }
+    }
+  }
+  for (int i = 0; i < L; ++i) {  // interpolation adjoint: sum the item buffers in a fixed order
+    const Stage& S = stages[i];
+    if (!S.resampled) continue;
+    const int64_t stride = row_stride(S);
+#pragma omp parallel for num_threads(num_threads(pr)) schedule(static)
+    for (int64_t b = 0; b < B; ++b) {
+      std::vector<double> acc((size_t)C * S.pixels, 0.0);
+      for (int64_t it = 0; it < nI; ++it) {
+        if (items[it].b != b) continue;
+        const std::vector<double>& buf = scatter[(size_t)it * L + i];
+        if (buf.empty()) continue;
+        const int64_t len = (int64_t)buf.size() / C, off = first_row[(size_t)it * L + i] * stride;
+        for (int c = 0; c < C; ++c)
+          for (int64_t e = 0; e < len; ++e) acc[(size_t)c * S.pixels + off + e] += buf[(size_t)c * len + e];
+      }
+      const int64_t base = b * C * S.pixels;
+      for (int64_t e = 0; e < C * S.pixels; ++e) {
+        const float v = (float)acc[e];
+        switch (pr.logit_dtype) {
+          case DT_F32: ((float*)grad_logits[i])[base + e] = v; break;
+          case DT_F16: ((uint16_t*)grad_logits[i])[base + e] = float_to_half(v); break;
+          default:     ((uint16_t*)grad_logits[i])[base + e] = float_to_bf16(v); break;
+        }
       }
     }
   }

@@ -7,6 +7,7 @@ entry points that :mod:`lomix_kernels.fused` registers as ``torch.library`` cust
 from __future__ import annotations
 
 import ctypes
+import math
 import glob
 import os
 from typing import Optional
@@ -36,7 +37,8 @@ class _Problem(ctypes.Structure):
         ("logit_dtype", ctypes.c_int32), ("target_kind", ctypes.c_int32), ("sigmoid", ctypes.c_int32),
         ("q", ctypes.c_int32), ("has_ignore", ctypes.c_int32), ("ignore_index", ctypes.c_int64),
         ("num_labels", ctypes.c_int32), ("num_threads", ctypes.c_int32),
-        ("awf_block_diagonal", ctypes.c_int32),
+        ("awf_block_diagonal", ctypes.c_int32), ("spatial_rank", ctypes.c_int32),
+        ("out_size", ctypes.c_int64 * 3), ("stage_size", ctypes.c_void_p),
         ("logits", ctypes.POINTER(ctypes.c_void_p)), ("target", ctypes.c_void_p),
         ("pixel_weight", ctypes.c_void_p),
         ("map_op", ctypes.c_void_p), ("map_arg", ctypes.c_void_p),
@@ -93,19 +95,26 @@ def _int32(values) -> Tensor:
 class CpuKernels:
     """Fused forward/backward for CPU tensors (wrapped as custom ops by :mod:`lomix_kernels.fused`)."""
 
+    fuses_upsampling = True  # logits may be coarser than the target: interpolated inside the kernel
+
     @staticmethod
     def _problem(plan, logits, target, pixel_weight, params):
         z0 = logits[0]
-        tables = [_int32(plan.map_op), _int32(plan.map_arg), _int32(plan.subset_size), _int32(plan.subset_members)]
+        spatial = tuple(target.shape[2:] if target.is_floating_point() else target.shape[1:])
+        pad = (1,) * (3 - len(spatial))
+        sizes = torch.tensor([pad + tuple(z.shape[2:]) for z in logits], dtype=torch.int64)
+        tables = [_int32(plan.map_op), _int32(plan.map_arg), _int32(plan.subset_size), _int32(plan.subset_members),
+                  sizes]
         ptrs = (ctypes.c_void_p * len(logits))(*[z.data_ptr() for z in logits])
         pr = _Problem(
-            batch=z0.shape[0], classes=z0.shape[1], pixels=z0[0, 0].numel(),
+            batch=z0.shape[0], classes=z0.shape[1], pixels=math.prod(spatial),
             num_stages=len(logits), num_maps=plan.num_maps, num_subsets=len(plan.subset_size),
             logit_dtype=_DTYPES[z0.dtype],
             target_kind=_SOFT_TARGET if target.is_floating_point() else _TARGET_KINDS[target.dtype],
             sigmoid=plan.sigmoid, q=plan.q, has_ignore=plan.has_ignore, ignore_index=plan.ignore_index,
             num_labels=plan.num_labels, num_threads=torch.get_num_threads(),
-            awf_block_diagonal=plan.block_diagonal,
+            awf_block_diagonal=plan.block_diagonal, spatial_rank=len(spatial),
+            out_size=(ctypes.c_int64 * 3)(*(pad + spatial)), stage_size=_ptr(sizes),
             logits=ctypes.cast(ptrs, ctypes.POINTER(ctypes.c_void_p)),
             target=_ptr(target), pixel_weight=_ptr(pixel_weight),
             map_op=_ptr(tables[0]), map_arg=_ptr(tables[1]), subset_size=_ptr(tables[2]),
@@ -116,7 +125,7 @@ class CpuKernels:
 
     @classmethod
     def forward(cls, plan, logits, target, pixel_weight, params) -> MapStats:
-        """logits: L contiguous (B, C, *sp) at the target's size; params: 4 packed float32 tensors."""
+        """logits: L contiguous (B, C, *sp_i), sp_i <= the target's size; params: 4 packed float32 tensors."""
         M, (B, C) = plan.num_maps, logits[0].shape[:2]
         pr, _keep = cls._problem(plan, logits, target, pixel_weight, params)
         f32 = dict(dtype=torch.float32)

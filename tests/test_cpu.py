@@ -171,3 +171,33 @@ def test_large_image_multiple_items():
     """Enough pixels for many work items and a ragged last tile (synapse-like, small C)."""
     crit, logits, target = random_case("cpu", 4, 3, 2, (129, 67), native=True, ignore_index=255)
     compare_to_reference(crit, logits, target)
+
+
+@pytest.mark.parametrize("target_sp,head_sps", [
+    ((23, 19), [(5, 4), (11, 9), (12, 19), (23, 19)]),                # odd, non-integer ratios
+    ((224, 96), [(7, 3), (14, 6), (28, 12), (56, 24)]),               # 1/32 .. 1/4, EMCAD-like
+    ((9, 10, 11), [(2, 3, 3), (5, 5, 6), (9, 10, 11), (4, 10, 11)]),  # 3D, mixed axes
+])
+def test_native_resolution_heads(target_sp, head_sps):
+    """Upsampling fused into the kernel equals F.interpolate + loss; grads at native resolution."""
+    L, C, B = len(head_sps), 3, 2
+    crit = randomize_params(lk.LoMixLoss(L, C, backend="cpu", ignore_index=7))
+    g = torch.Generator().manual_seed(5)
+    logits = [(torch.randn(B, C, *sp, generator=g) * 2).requires_grad_() for sp in head_sps]
+    target = make_target(C, B, target_sp, ignore_index=7)
+    compare_to_reference(crit, logits, target)
+
+
+def test_native_resolution_allocates_no_full_resolution_copy():
+    """No upsampling node in the autograd graph: the kernel reads the native heads directly."""
+    crit = lk.LoMixLoss(3, 3, backend="cpu")
+    logits = make_logits(3, 3, 1, (16, 16), native=True)
+    loss = crit(logits, make_target(3, 1, (16, 16)))
+    seen, stack = set(), [loss.grad_fn]
+    while stack:
+        fn = stack.pop()
+        if fn is None or fn in seen:
+            continue
+        seen.add(fn)
+        stack.extend(f for f, _ in fn.next_functions)
+    assert not any("Upsample" in type(fn).__name__ for fn in seen)
