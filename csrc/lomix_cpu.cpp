@@ -219,24 +219,25 @@ std::vector<Stage> make_stages(const Problem& pr) {
 }
 
 // Work items: sample b and a band of whole output rows along the outermost spatial axis
-// (D in 3D, H in 2D), pixel range [p0, p1). Depends only on the shapes: fixed reduction order.
-// A band touches native rows [n0[i], n1[i]] of each stage i (for the backward's scatter).
+// (D in 3D, H in 2D), pixel range [p0, p1). About ITEMS bands in all: few enough that per-item
+// double partials stay small, enough to balance threads. Depends only on the shapes, so the
+// reduction order (and every result bit) is independent of the thread count.
+// A band touches native rows [i0(r0), i1(r1 - 1)] of each stage (for the backward's scatter).
 constexpr int OUTER_2D = 1, OUTER_3D = 0;
+constexpr int64_t ITEMS = 64;
+constexpr int64_t FLUSH_TILES = 64;  // float lane partials are folded into double this often
 struct Item { int64_t b, p0, p1, r0, r1; };
 inline int outer_axis(const Problem& p) { return p.spatial_rank == 3 ? OUTER_3D : OUTER_2D; }
 std::vector<Item> make_items(const Problem& p) {
   const int oa = outer_axis(p);
   const int64_t rows = p.out_size[oa];
   const int64_t row_px = p.pixels / rows;
-  int64_t per_sample = std::max<int64_t>(1, (256 + p.batch - 1) / p.batch);
-  per_sample = std::min(per_sample, rows);
-  int64_t rows_per_item = (rows + per_sample - 1) / per_sample;
-  rows_per_item = std::max<int64_t>(1, std::min(rows_per_item, (64 * TP) / std::max<int64_t>(1, row_px)));
+  const int64_t per_sample = std::min(rows, std::max<int64_t>(1, (ITEMS + p.batch - 1) / p.batch));
   std::vector<Item> items;
   for (int64_t b = 0; b < p.batch; ++b)
-    for (int64_t r0 = 0; r0 < rows; r0 += rows_per_item) {
-      const int64_t r1 = std::min(rows, r0 + rows_per_item);
-      items.push_back({b, r0 * row_px, r1 * row_px, r0, r1});
+    for (int64_t k = 0; k < per_sample; ++k) {
+      const int64_t r0 = rows * k / per_sample, r1 = rows * (k + 1) / per_sample;
+      if (r1 > r0) items.push_back({b, r0 * row_px, r1 * row_px, r0, r1});
     }
   return items;
 }
@@ -846,9 +847,20 @@ int lomix_cpu_backward(const Problem* prp, const float* gce, const float* ginter
     for (int64_t it = 0; it < nI; ++it) {
       const Item item = items[it];
       float* dp = lanes.data();
+      double* out = nP ? &part[(size_t)it * nP] : nullptr;
+      auto flush = [&]() {
+        for (int64_t e = 0; e < nP; ++e) {
+          double acc = 0.0;
+          for (int l = 0; l < LANES; ++l) acc += dp[(size_t)e * LANES + l];
+          out[e] += acc;
+        }
+        std::fill(lanes.begin(), lanes.end(), 0.0f);
+      };
       std::fill(lanes.begin(), lanes.end(), 0.0f);
+      int64_t tiles = 0;
       for (int64_t p0 = item.p0; p0 < item.p1; p0 += TP) {
         const int n = (int)std::min<int64_t>(TP, item.p1 - p0);
+        if (++tiles % FLUSH_TILES == 0) flush();
         load_tile(pr, stages, item.b, p0, n, tl, false, errs[it]);
         std::fill(tl.gx.begin(), tl.gx.end(), 0.0f);
         for (int u = 0; u < M; ++u) {
@@ -890,12 +902,7 @@ int lomix_cpu_backward(const Problem* prp, const float* gce, const float* ginter
             }
           }
       }
-      double* out = nP ? &part[(size_t)it * nP] : nullptr;
-      for (int64_t e = 0; e < nP; ++e) {
-        double acc = 0.0;
-        for (int l = 0; l < LANES; ++l) acc += dp[(size_t)e * LANES + l];
-        out[e] = acc;
-      }
+      flush();
     }
   }
   for (int i = 0; i < L; ++i) {  // interpolation adjoint: sum the item buffers in a fixed order
