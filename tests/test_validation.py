@@ -145,7 +145,17 @@ def test_functional_bad_params():
         lk.lomix_loss(logits[:1], target, crit.theta[:1], scheme="last_layer")
 
 
-def test_triton_backend_without_gpu_says_why():
+def test_triton_backend_without_gpu_says_why(monkeypatch):
+    from lomix_kernels import triton_backend
+
     logits, target = good()
-    with pytest.raises((RuntimeError, ValueError), match="triton"):
+    if not triton_backend.is_available():
+        with pytest.raises(RuntimeError, match="needs the triton package"):
+            lk.LoMixLoss(L, C, backend="triton")(logits, target)
+        return
+    monkeypatch.setattr(triton_backend, "INTERPRET", False)
+    with pytest.raises(ValueError, match="needs CUDA tensors .* TRITON_INTERPRET=1"):
         lk.LoMixLoss(L, C, backend="triton")(logits, target)
+    monkeypatch.setattr(triton_backend, "INTERPRET", True)
+    with pytest.raises(TypeError, match="float32/float16/bfloat16"):
+        lk.LoMixLoss(L, C, backend="triton")([z.double() for z in logits], target)
