@@ -1,7 +1,7 @@
 """Memory-limited 3D LoMix: a small 3D U-Net with L=4 native-resolution heads (12³ .. 96³) trained
 on synthetic organ-like phantoms at 96³ patches on the CPU with ``LoMixLoss(backend="cpu")``.
 
-    python examples/train_3d.py [--steps 12] [--out examples/out]
+    python examples/train_3d.py [--steps 40] [--out examples/out]
 
 Prints per-step time and the loss's own peak memory, then what the eager reference would need
 (measured on a half-size patch and extrapolated by voxel count, since at 96³ it may not fit), and
@@ -21,7 +21,7 @@ from tqdm import tqdm
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import lomix_kernels as lk  # noqa: E402
-from common import UNet, peak_rss_mb, phantoms, reset_peak_rss  # noqa: E402
+from common import UNet, peak_rss_mb, phantoms, reset_peak_rss, return_freed_memory_to_os  # noqa: E402
 
 
 def loss_peak_mb(crit, logits, target):
@@ -36,7 +36,7 @@ def loss_peak_mb(crit, logits, target):
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--steps", type=int, default=12)
+    ap.add_argument("--steps", type=int, default=40)
     ap.add_argument("--size", type=int, default=96)
     ap.add_argument("--classes", type=int, default=5)
     ap.add_argument("--lr", type=float, default=3e-3)
@@ -70,6 +70,7 @@ def main():
         bar.set_postfix(loss=f"{loss.item():.3f}")
         print(msg, flush=True)
 
+    return_freed_memory_to_os()
     logits = [z.detach() for z in model(images[:1])]
     target = labels[:1]
     fused_mb = loss_peak_mb(crit, logits, target)
@@ -81,7 +82,8 @@ def main():
     ref.load_state_dict(crit.state_dict())
     ref_half = loss_peak_mb(ref, half, target[:, ::2, ::2, ::2].contiguous())
     print(f"eager reference: {ref_half:.0f} MB at {size[0] // 2}³, so ~{ref_half * 8 / 1024:.1f} GB at {size[0]}³ "
-          f"(B=1); the fused loss needs {fused_mb:.1f} MB")
+          f"for this B=1, C={args.classes} patch ({ref_half * 8 / max(fused_mb, 1e-3):.0f}x the fused loss); "
+          f"it grows with B·C·M: see the benchmark's ct3d rows (B=2, C=14)")
     print(f"loss {losses[0]:.3f} -> {losses[-1]:.3f} ({'decreased' if losses[-1] < losses[0] else 'did not decrease'})")
     lk.report.plot_weights(crit, os.path.join(args.out, "train_3d_weights.png"))
     history.plot(os.path.join(args.out, "train_3d_weights_over_steps.png"))
