@@ -85,6 +85,13 @@ def peak_rss_mb() -> float:
 
 
 def reset_peak_rss() -> None:
+    """Give freed heap memory back to the OS, then restart the kernel's peak-RSS counter."""
+    import ctypes
+
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
     try:
         with open("/proc/self/clear_refs", "w") as f:
             f.write("5")

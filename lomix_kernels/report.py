@@ -92,6 +92,7 @@ def plot_weights(crit, path: str) -> None:
     ax.bar(range(len(rows)), [r["weight"] for r in rows], color=[colors[r["op"]] for r in rows])
     ax.set_xticks(range(len(rows)), [r["name"] for r in rows], rotation=90, fontsize=7)
     ax.set_ylabel("softplus weight w_u")
+    ax.set_ylim(0, 1.3 * max(r["weight"] for r in rows))  # room for the legend
     handles = [plt.Rectangle((0, 0), 1, 1, color=colors[op]) for op in ops]
     ax.legend(handles, ops, ncol=len(ops), fontsize=8)
     ax.set_title("Learned LoMix map weights")
