@@ -87,7 +87,7 @@ class LossOptions:
             cw = self.class_weight
             if not isinstance(cw, Tensor) or cw.dim() != 1 or not cw.is_floating_point():
                 raise TypeError("class_weight must be a 1-D floating tensor of shape (C,)")
-            if bool((cw < 0).any()):
+            if not torch.compiler.is_compiling() and bool((cw < 0).any()):  # data check: eager only
                 raise ValueError("class_weight must be >= 0")
 
 

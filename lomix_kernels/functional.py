@@ -11,7 +11,7 @@ from torch import Tensor
 from . import cpu, spec
 from .finish import LossOptions, MapStats, finish
 from .fused import fused_stats, register_ops
-from .inputs import Inputs, check_inputs, check_values
+from .inputs import check_inputs, check_values
 from .params import check_params
 from .reference import reference_stats
 
@@ -34,17 +34,15 @@ def resolve_backend(backend: str, logits: Tensor) -> str:
     if backend == "auto":
         if logits.dtype == torch.float64:
             return "reference"
-        if logits.is_cuda:
-            if _triton_module().is_implemented():
-                return "triton"
-            return "reference"
-        else:
-            if cpu.available():
-                return "cpu"
-            if not _warned_fallback:
-                warnings.warn(f"lomix_kernels: {cpu.unavailable_reason()}; falling back to the reference backend")
-                _warned_fallback = True
-            return "reference"
+        if logits.is_cuda and _triton_module().is_implemented():
+            return "triton"
+        if not logits.is_cuda and cpu.available():
+            return "cpu"
+        if not _warned_fallback:
+            reason = "triton is not installed" if logits.is_cuda else cpu.unavailable_reason()
+            warnings.warn(f"lomix_kernels: {reason}; falling back to the reference backend")
+            _warned_fallback = True
+        return "reference"
     if backend == "cpu":
         if not cpu.available():
             raise RuntimeError(f"backend='cpu' is unavailable: {cpu.unavailable_reason()}")
@@ -131,7 +129,6 @@ def _share_of_gradient(weights: Tensor) -> Tensor:
 def _all_reduce_stats(stats: MapStats) -> MapStats:
     """Sum the statistics over the default process group (differentiable: identity backward)."""
     import torch.distributed as dist
-    import torch.distributed.nn.functional as dist_fn
 
     if not (dist.is_available() and dist.is_initialized()):
         raise RuntimeError("sync_stats=True needs an initialized torch.distributed default process group")

@@ -3,7 +3,6 @@ from __future__ import annotations
 
 from typing import Callable, Optional, Sequence, Union
 
-import math
 
 import torch
 from torch import Tensor, nn

@@ -6,7 +6,7 @@ softmax and autograd buffers.
 """
 from __future__ import annotations
 
-from typing import Optional, Sequence
+from typing import Sequence
 
 import torch
 import torch.nn.functional as F

@@ -8,7 +8,7 @@ import torch.nn.functional as F
 
 import lomix_kernels as lk
 from lomix_kernels import spec
-from lomix_kernels.finish import LossOptions, MapStats, finish
+from lomix_kernels.finish import finish
 from lomix_kernels.inputs import Inputs
 from lomix_kernels.reference import mix, reference_stats
 
