@@ -21,7 +21,7 @@ bench: setup  ## the main job: speed and memory table against the reference on t
 	$(BIN)/python benchmarks/run.py
 
 bench-full: setup  ## also the L and pixel scaling sweeps
-	$(BIN)/python benchmarks/run.py --sweep
+	$(BIN)/python benchmarks/run.py --sweep --configs synapse2d --impls cpu --name sweep
 
 demo: setup
 	$(BIN)/python examples/demo.py

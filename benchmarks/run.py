@@ -34,6 +34,12 @@ CONFIGS = {  # name: (B, C, spatial, L, native)
     "ct3d-native": (2, 14, (96, 96, 96), 4, True),
 }
 DEFAULT_CONFIGS = ["synapse2d", "l5", "ct3d", "ct3d-l5", "synapse2d-native", "ct3d-native"]
+SWEEP_L = range(2, 7)          # cost vs number of stages (B=2, C=9, 128²)
+SWEEP_SIDES = (64, 128, 256, 384)  # cost vs pixels (B=2, C=9, L=4)
+for _L in SWEEP_L:
+    CONFIGS[f"sweepL{_L}"] = (2, 9, (128, 128), _L, False)
+for _side in SWEEP_SIDES:
+    CONFIGS[f"sweepP{_side}"] = (2, 9, (_side, _side), 4, False)
 IMPLS = ["reference", "compiled", "cpu"]
 MEM_LIMIT_GB = 20.0  # leave room for the OS on a 24 GB machine
 
@@ -167,7 +173,8 @@ def main():
     ap.add_argument("--impls", default=",".join(IMPLS))
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--sweep", action="store_true", help="also run the L and pixel scaling sweeps")
-    ap.add_argument("--table", action="store_true", help="only re-print the table of results/latest.json")
+    ap.add_argument("--table", action="store_true", help="only re-print the table of results/<name>.json")
+    ap.add_argument("--name", default="latest", help="results file stem in benchmarks/results (default: latest)")
     args = ap.parse_args()
     if args.worker:
         cfg, impl, repeats, scale, mode = args.worker
@@ -175,7 +182,7 @@ def main():
         return
 
     if args.table:
-        print(summarize(json.loads((RESULTS / "latest.json").read_text())["rows"]))
+        print(summarize(json.loads((RESULTS / f"{args.name}.json").read_text())["rows"]))
         return
     RESULTS.mkdir(exist_ok=True)
     import torch
@@ -204,9 +211,9 @@ def main():
     table = summarize(rows)
     print("\n" + table)
     stamp = time.strftime("%Y%m%d-%H%M%S")
-    (RESULTS / "latest.json").write_text(json.dumps({"rows": rows, "sweep": sweep, "stamp": stamp}, indent=1))
-    (RESULTS / "latest.md").write_text(table + "\n")
-    plot(rows, sweep)
+    (RESULTS / f"{args.name}.json").write_text(json.dumps({"rows": rows, "sweep": sweep, "stamp": stamp}, indent=1))
+    (RESULTS / f"{args.name}.md").write_text(table + "\n")
+    plot(rows, sweep, args.name)
 
 
 def summarize(rows) -> str:
@@ -246,22 +253,20 @@ def summarize(rows) -> str:
 
 def run_sweeps(repeats):
     out = []
-    for L in range(2, 7):
+    for L in SWEEP_L:
         for impl in ("cpu", "reference"):
-            CONFIGS[f"sweepL{L}"] = (2, 9, (128, 128), L, False)
             r = run_case(f"sweepL{L}", impl, repeats, memory=False)
             out.append({"sweep": "L", "x": L, **r})
             print(f"sweep L={L} {impl:10s} {r.get('median_s', float('nan')) * 1e3:8.1f} ms", flush=True)
-    for side in (64, 128, 256, 384):
+    for side in SWEEP_SIDES:
         for impl in ("cpu", "reference"):
-            CONFIGS[f"sweepP{side}"] = (2, 9, (side, side), 4, False)
             r = run_case(f"sweepP{side}", impl, repeats, memory=False)
             out.append({"sweep": "pixels", "x": 2 * side * side, **r})
             print(f"sweep pixels={2 * side * side} {impl:10s} {r.get('median_s', float('nan')) * 1e3:8.1f} ms", flush=True)
     return out
 
 
-def plot(rows, sweep):
+def plot(rows, sweep, name="latest"):
     try:
         import matplotlib
 
@@ -296,8 +301,8 @@ def plot(rows, sweep):
             ax.set_yscale("log")
             ax.legend()
     fig.tight_layout()
-    fig.savefig(RESULTS / "latest.png", dpi=110)
-    print(f"wrote {RESULTS / 'latest.png'}, {RESULTS / 'latest.json'}, {RESULTS / 'latest.md'}")
+    fig.savefig(RESULTS / f"{name}.png", dpi=110)
+    print(f"wrote {RESULTS / name}.png, .json, .md")
 
 
 if __name__ == "__main__":
