@@ -590,22 +590,44 @@ void map_grad(const Problem& pr, Tile& tl, const float* gce, const float* gi, co
   }
 }
 
-// Parameter gradients accumulate in LANES float partials per parameter (vector-friendly: no
-// horizontal reduction per tile); each work item folds them into double at its end.
-constexpr int LANES = 16;
-inline void lane_dot(float* acc, const float* a, const float* b) {
-  v16 r = *(const v16*)acc;
-  for (int i = 0; i < NV; ++i) r += *(const v16*)(a + 16 * i) * *(const v16*)(b + 16 * i);
-  *(v16*)acc = r;
+// Parameter gradients: per tile, each is a dot product over the TP pixels. They are reduced to
+// one float per parameter (a compact, L1-resident per-thread buffer, folded into the item's double
+// partials every FLUSH_TILES tiles). Sixteen dot products at a time are reduced together with a
+// transpose-and-add tree (15 shuffles + adds for 16 sums) instead of 16 horizontal reductions.
+typedef int32_t vi16 __attribute__((vector_size(64)));
+
+inline v16 reduce16(v16 a[16]) {  // lane i of the result = Σ lanes of a[i]
+  const vi16 l1a = {0, 1, 2, 3, 4, 5, 6, 7, 16, 17, 18, 19, 20, 21, 22, 23};
+  const vi16 l1b = {8, 9, 10, 11, 12, 13, 14, 15, 24, 25, 26, 27, 28, 29, 30, 31};
+  const vi16 l2a = {0, 1, 2, 3, 8, 9, 10, 11, 16, 17, 18, 19, 24, 25, 26, 27};
+  const vi16 l2b = {4, 5, 6, 7, 12, 13, 14, 15, 20, 21, 22, 23, 28, 29, 30, 31};
+  const vi16 l3a = {0, 1, 4, 5, 8, 9, 12, 13, 16, 17, 20, 21, 24, 25, 28, 29};
+  const vi16 l3b = {2, 3, 6, 7, 10, 11, 14, 15, 18, 19, 22, 23, 26, 27, 30, 31};
+  const vi16 l4a = {0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30};
+  const vi16 l4b = {1, 3, 5, 7, 9, 11, 13, 15, 17, 19, 21, 23, 25, 27, 29, 31};
+  v16 u[8], w[4], y[2];
+  for (int i = 0; i < 8; ++i) u[i] = __builtin_shuffle(a[2 * i], a[2 * i + 1], l1a) + __builtin_shuffle(a[2 * i], a[2 * i + 1], l1b);
+  for (int i = 0; i < 4; ++i) w[i] = __builtin_shuffle(u[2 * i], u[2 * i + 1], l2a) + __builtin_shuffle(u[2 * i], u[2 * i + 1], l2b);
+  for (int i = 0; i < 2; ++i) y[i] = __builtin_shuffle(w[2 * i], w[2 * i + 1], l3a) + __builtin_shuffle(w[2 * i], w[2 * i + 1], l3b);
+  return __builtin_shuffle(y[0], y[1], l4a) + __builtin_shuffle(y[0], y[1], l4b);
 }
-inline void lane_dot_row(float* acc, const Row& a, const float* b) {
-  v16 r = *(const v16*)acc;
-  for (int i = 0; i < NV; ++i) r += a.v[i] * *(const v16*)(b + 16 * i);
-  *(v16*)acc = r;
+
+inline float hsum(v16 v) {
+  float s = 0.0f;
+  for (int l = 0; l < 16; ++l) s += v[l];
+  return s;
 }
-inline void lane_sum(float* __restrict acc, const float* __restrict a) {
-  for (int p0 = 0; p0 < TP; p0 += LANES)
-    for (int l = 0; l < LANES; ++l) acc[l] += a[p0 + l];
+
+inline v16 row_dot(const Row& a, const float* b) {  // per-lane partial of <a, b> over TP pixels
+  v16 r = a.v[0] * *(const v16*)b;
+  for (int i = 1; i < NV; ++i) r += a.v[i] * *(const v16*)(b + 16 * i);
+  return r;
+}
+
+inline v16 row_sum(const Row& a) {
+  v16 r = a.v[0];
+  for (int i = 1; i < NV; ++i) r += a.v[i];
+  return r;
 }
 
 inline float sum_tp(const float* __restrict a) {
@@ -616,7 +638,7 @@ inline float sum_tp(const float* __restrict a) {
 }
 
 // Push tl.g (dL/dz_u) through the operator of map u into tl.gx and the parameter partials.
-// dparams: LANES float partials per packed parameter.
+// dparams: one float partial per packed parameter (per thread, flushed to double by the caller).
 void op_backward(const Problem& pr, const Layout& ly, int u, Tile& tl, float* dparams) {
   const int C = ly.C;
   const int op = pr.map_op[u], arg = pr.map_arg[u];
@@ -651,15 +673,20 @@ void op_backward(const Problem& pr, const Layout& ly, int u, Tile& tl, float* dp
       break;
     case OP_CAT: {
       const float* W = pr.cat_w + ly.cat_w_off[arg];
-      float* dW = dparams + LANES * ly.cat_w_off[arg];
-      float* db = dparams + LANES * (ly.cat_w_n + ly.cat_b_off[arg]);
+      float* dW = dparams + ly.cat_w_off[arg];
+      float* db = dparams + ly.cat_w_n + ly.cat_b_off[arg];
       for (int c = 0; c < C; ++c) {
-        const float* gr = g + (size_t)c * TP;
-        lane_sum(db + LANES * c, gr);
-        const Row grow = row_load(gr);  // held in registers across the K dot products
-        float* dWc = dW + LANES * (size_t)c * K;
-        for (int j = 0; j < k; ++j)
-          for (int c2 = 0; c2 < C; ++c2) lane_dot_row(dWc + LANES * (j * C + c2), grow, tl.xs(mem[j], c2));
+        const Row grow = row_load(g + (size_t)c * TP);  // held in registers across the K dot products
+        db[c] += hsum(row_sum(grow));
+        float* dWc = dW + (size_t)c * K;
+        for (int q0 = 0; q0 < K; q0 += 16) {  // 16 (member, class) columns at a time
+          const int nq = std::min(16, K - q0);
+          v16 acc[16];
+          for (int q = 0; q < 16; ++q)
+            acc[q] = q < nq ? row_dot(grow, tl.xs(mem[(q0 + q) / C], (q0 + q) % C)) : v16{};
+          const v16 sums = reduce16(acc);
+          for (int q = 0; q < nq; ++q) dWc[q0 + q] += sums[q];
+        }
       }
       for (int j = 0; j < k; ++j)
         for (int c2 = 0; c2 < C; ++c2) {
@@ -672,8 +699,8 @@ void op_backward(const Problem& pr, const Layout& ly, int u, Tile& tl, float* dp
     }
     case OP_AWF: {
       const float* V = pr.awf_v + ly.awf_v_off[arg];
-      float* dV = dparams + LANES * (ly.cat_w_n + ly.cat_b_n + ly.awf_v_off[arg]);
-      float* dc = dparams + LANES * (ly.cat_w_n + ly.cat_b_n + ly.awf_v_n + ly.awf_c_off[arg]);
+      float* dV = dparams + ly.cat_w_n + ly.cat_b_n + ly.awf_v_off[arg];
+      float* dc = dparams + ly.cat_w_n + ly.cat_b_n + ly.awf_v_n + ly.awf_c_off[arg];
       const float* __restrict al = tl.alpha.data();
       float* __restrict da = tl.dalpha.data();
       for (int j = 0; j < k; ++j) {  // dz_{s_j} += α_j g ; dα_j = <g, z_{s_j}>
@@ -697,14 +724,12 @@ void op_backward(const Problem& pr, const Layout& ly, int u, Tile& tl, float* dp
       for (int j = 0; j < k; ++j)
         for (int p = 0; p < TP; ++p) da[(size_t)j * TP + p] = al[(size_t)j * TP + p] * (da[(size_t)j * TP + p] - dot[p]);
       for (int r = 0; r < k; ++r) {
-        const float* dar = da + (size_t)r * TP;
-        lane_sum(dc + LANES * r, dar);
-        for (int j = 0; j < k; ++j)
-          for (int c2 = 0; c2 < C; ++c2) {
-            const float* __restrict xr = tl.xs(mem[j], c2);
-            if (pr.awf_block_diagonal && j != r) continue;
-            lane_dot(dV + LANES * ((size_t)r * K + j * C + c2), dar, xr);
-          }
+        const Row darow = row_load(da + (size_t)r * TP);
+        dc[r] += hsum(row_sum(darow));
+        for (int j = 0; j < k; ++j) {
+          if (pr.awf_block_diagonal && j != r) continue;
+          for (int c2 = 0; c2 < C; ++c2) dV[(size_t)r * K + j * C + c2] += hsum(row_dot(darow, tl.xs(mem[j], c2)));
+        }
       }
       for (int j = 0; j < k; ++j)
         for (int c2 = 0; c2 < C; ++c2) {
@@ -842,18 +867,14 @@ int lomix_cpu_backward(const Problem* prp, const float* gce, const float* ginter
 #pragma omp parallel num_threads(num_threads(pr))
   {
     Tile tl(L, C, ly.max_k);
-    std::vector<float> lanes((size_t)nP * LANES);
+    std::vector<float> lanes((size_t)nP);  // per-parameter float partials of the current flush window
 #pragma omp for schedule(dynamic, 1)
     for (int64_t it = 0; it < nI; ++it) {
       const Item item = items[it];
       float* dp = lanes.data();
       double* out = nP ? &part[(size_t)it * nP] : nullptr;
       auto flush = [&]() {
-        for (int64_t e = 0; e < nP; ++e) {
-          double acc = 0.0;
-          for (int l = 0; l < LANES; ++l) acc += dp[(size_t)e * LANES + l];
-          out[e] += acc;
-        }
+        for (int64_t e = 0; e < nP; ++e) out[e] += dp[e];
         std::fill(lanes.begin(), lanes.end(), 0.0f);
       };
       std::fill(lanes.begin(), lanes.end(), 0.0f);
