@@ -55,6 +55,14 @@ def resolve_backend(backend: str, logits: Tensor) -> str:
     return backend
 
 
+def _eager_checks_allowed(device: torch.device) -> bool:
+    """Data-dependent checks need a host sync: only in eager mode, never while torch.compile traces
+    or a CUDA graph is being captured."""
+    if torch.compiler.is_compiling():
+        return False
+    return not (device.type == "cuda" and torch.cuda.is_current_stream_capturing())
+
+
 def compute_loss(
     logits: Sequence[Tensor],
     target: Tensor,
@@ -93,7 +101,7 @@ def compute_loss(
 
     name = resolve_backend(backend, z0)
     if name == "reference":
-        if validate and not torch.compiler.is_compiling():
+        if validate and _eager_checks_allowed(z0.device):
             check_values(inputs, num_classes, opts.activation, opts.ignore_index)
         stats = reference_stats(inputs, maps, cat_weight, cat_bias, awf_weight, awf_bias, opts, awf_param)
     elif name == "cpu":  # the kernel validates the data while it streams it
@@ -101,7 +109,7 @@ def compute_loss(
                             opts, awf_param, fuses_upsampling=cpu.CpuKernels.fuses_upsampling)
     else:
         triton_backend = _triton_module()
-        if validate and not torch.compiler.is_compiling():
+        if validate and _eager_checks_allowed(z0.device):
             check_values(inputs, num_classes, opts.activation, opts.ignore_index)
         stats = fused_stats(triton_backend.STATS_OP, inputs, maps, cat_weight, cat_bias, awf_weight,
                             awf_bias, opts, awf_param, fuses_upsampling=triton_backend.TritonKernels.fuses_upsampling)
