@@ -3,8 +3,8 @@
 With ``TRITON_INTERPRET=1`` (set before triton is imported) it also accepts CPU tensors and runs
 the same kernels through Triton's interpreter: that is how CI and users without a GPU test it.
 
-Layout: the L stages are upsampled to the target's size and stacked once into (L, B, C, P)
-(one copy the size of the logits; the CPU backend avoids even that). Each program of the forward
+Layout: the L stages are upsampled to the target's size (the CPU backend fuses that; Triton does
+not yet) and passed as up to six (B, C, P) pointers, read in place. Each program of the forward
 takes BLOCK_P pixels of one sample and one map (grid = pixel blocks × M), builds the map in
 registers (classes padded to a power of two and masked) and writes its per-class partial sums;
 partials are reduced in a fixed order by torch. The backward's programs take BLOCK_P pixels and
@@ -32,6 +32,7 @@ except Exception as exc:  # pragma: no cover - depends on the environment
     _IMPORT_ERROR = f"{type(exc).__name__}: {exc}"
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+MAX_STAGES = 6  # stage pointers are kernel arguments x0..x5
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
@@ -58,14 +59,24 @@ def check_usable(logits: Tensor) -> None:
 if triton is not None:
 
     @triton.jit
-    def _load_stage(x_ptr, s, b, B, C, P, cls, pix, mask):
-        """(BLOCK_C, BLOCK_P) float32 logits of stage s, sample b; int64 offsets."""
-        base = ((s * B + b) * C).to(tl.int64)
-        offs = (base + cls[:, None].to(tl.int64)) * P + pix[None, :]
-        return tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    def _load_stage(x0, x1, x2, x3, x4, x5, s, b, B, C, P, cls, pix, mask):
+        """(BLOCK_C, BLOCK_P) float32 logits of stage s (one of up to 6 (B, C, P) tensors), sample b."""
+        x = x0
+        if s == 1:
+            x = x1
+        elif s == 2:
+            x = x2
+        elif s == 3:
+            x = x3
+        elif s == 4:
+            x = x4
+        elif s == 5:
+            x = x5
+        offs = (b * C + cls[:, None]).to(tl.int64) * P + pix[None, :]
+        return tl.load(x + offs, mask=mask, other=0.0).to(tl.float32)
 
     @triton.jit
-    def _build_map(x_ptr, b, B, C, P, cls, pix, mask, op, arg, sub_size_ptr, sub_start_ptr, members_ptr,
+    def _build_map(x0, x1, x2, x3, x4, x5, b, B, C, P, cls, pix, mask, op, arg, sub_size_ptr, sub_start_ptr, members_ptr,
                    cat_w_ptr, cat_b_ptr, cat_off_ptr, awf_v_ptr, awf_c_ptr, awf_v_off_ptr, awf_c_off_ptr,
                    block_diag, BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr, K_PAD: tl.constexpr):
         """Map logits z (BLOCK_C, BLOCK_P) and, for awf, alpha (K_PAD, BLOCK_P)."""
@@ -74,24 +85,24 @@ if triton is not None:
         alpha = tl.zeros((K_PAD, BLOCK_P), dtype=tl.float32)
         z = tl.zeros((BLOCK_C, BLOCK_P), dtype=tl.float32)
         if op == 0:
-            z = _load_stage(x_ptr, arg, b, B, C, P, cls, pix, mask)
+            z = _load_stage(x0, x1, x2, x3, x4, x5, arg, b, B, C, P, cls, pix, mask)
         else:
             k = tl.load(sub_size_ptr + arg)
             start = tl.load(sub_start_ptr + arg)
             if op == 1:
                 for j in range(k):
-                    z += _load_stage(x_ptr, tl.load(members_ptr + start + j), b, B, C, P, cls, pix, mask)
+                    z += _load_stage(x0, x1, x2, x3, x4, x5, tl.load(members_ptr + start + j), b, B, C, P, cls, pix, mask)
             elif op == 2:
-                z = _load_stage(x_ptr, tl.load(members_ptr + start), b, B, C, P, cls, pix, mask)
+                z = _load_stage(x0, x1, x2, x3, x4, x5, tl.load(members_ptr + start), b, B, C, P, cls, pix, mask)
                 for j in range(1, k):
-                    z = z * _load_stage(x_ptr, tl.load(members_ptr + start + j), b, B, C, P, cls, pix, mask)
+                    z = z * _load_stage(x0, x1, x2, x3, x4, x5, tl.load(members_ptr + start + j), b, B, C, P, cls, pix, mask)
             elif op == 3:
                 woff = tl.load(cat_off_ptr + arg)
                 z = tl.zeros((BLOCK_C, BLOCK_P), dtype=tl.float32) + tl.load(
                     cat_b_ptr + arg * C + cls, mask=cmask, other=0.0)[:, None]
                 for j in range(k):
                     s = tl.load(members_ptr + start + j)
-                    xs = _load_stage(x_ptr, s, b, B, C, P, cls, pix, mask)
+                    xs = _load_stage(x0, x1, x2, x3, x4, x5, s, b, B, C, P, cls, pix, mask)
                     for c2 in range(C):
                         row = tl.sum(tl.where(cls[:, None] == c2, xs, 0.0), axis=0)
                         wcol = tl.load(cat_w_ptr + woff + cls * (k * C) + j * C + c2, mask=cmask, other=0.0)
@@ -103,7 +114,7 @@ if triton is not None:
                     (K_PAD, BLOCK_P), dtype=tl.float32)
                 for j in range(k):
                     s = tl.load(members_ptr + start + j)
-                    xs = _load_stage(x_ptr, s, b, B, C, P, cls, pix, mask)
+                    xs = _load_stage(x0, x1, x2, x3, x4, x5, s, b, B, C, P, cls, pix, mask)
                     for r in range(k):
                         if (block_diag == 0) | (r == j):
                             v = tl.load(awf_v_ptr + voff + r * (k * C) + j * C + cls, mask=cmask, other=0.0)
@@ -117,7 +128,7 @@ if triton is not None:
                 for j in range(k):
                     s = tl.load(members_ptr + start + j)
                     aj = tl.sum(tl.where(kk[:, None] == j, alpha, 0.0), axis=0)
-                    z += aj[None, :] * _load_stage(x_ptr, s, b, B, C, P, cls, pix, mask)
+                    z += aj[None, :] * _load_stage(x0, x1, x2, x3, x4, x5, s, b, B, C, P, cls, pix, mask)
         return z, alpha
 
     @triton.jit
@@ -159,7 +170,7 @@ if triton is not None:
         return s, lse
 
     @triton.jit
-    def _forward_kernel(x_ptr, t_ptr, w_ptr, out_ptr, tout_ptr, map_op_ptr, map_arg_ptr, sub_size_ptr,
+    def _forward_kernel(x0, x1, x2, x3, x4, x5, t_ptr, w_ptr, out_ptr, tout_ptr, map_op_ptr, map_arg_ptr, sub_size_ptr,
                         sub_start_ptr, members_ptr, cat_w_ptr, cat_b_ptr, cat_off_ptr, awf_v_ptr, awf_c_ptr,
                         awf_v_off_ptr, awf_c_off_ptr, B, C, P, nblk, has_ignore, ignore_index, num_labels,
                         block_diag, Q: tl.constexpr, SIGMOID: tl.constexpr, SOFT: tl.constexpr,
@@ -176,7 +187,7 @@ if triton is not None:
                              num_labels, BLOCK_C)
         op = tl.load(map_op_ptr + u)
         arg = tl.load(map_arg_ptr + u)
-        z, alpha = _build_map(x_ptr, b, B, C, P, cls, pix, mask, op, arg, sub_size_ptr, sub_start_ptr,
+        z, alpha = _build_map(x0, x1, x2, x3, x4, x5, b, B, C, P, cls, pix, mask, op, arg, sub_size_ptr, sub_start_ptr,
                               members_ptr, cat_w_ptr, cat_b_ptr, cat_off_ptr, awf_v_ptr, awf_c_ptr, awf_v_off_ptr,
                               awf_c_off_ptr, block_diag, BLOCK_C, BLOCK_P, K_PAD)
         s, lse = _activate(z, cmask, SIGMOID)
@@ -212,7 +223,7 @@ if triton is not None:
         return gx + tl.where(stage_ids[:, None, None] == s, val[None, :, :], 0.0)
 
     @triton.jit
-    def _backward_kernel(x_ptr, t_ptr, w_ptr, g_ptr, gx_ptr, dp_ptr, map_op_ptr, map_arg_ptr, sub_size_ptr,
+    def _backward_kernel(x0, x1, x2, x3, x4, x5, t_ptr, w_ptr, g_ptr, g0, g1, g2, g3, g4, g5, dp_ptr, map_op_ptr, map_arg_ptr, sub_size_ptr,
                          sub_start_ptr, members_ptr, cat_w_ptr, cat_b_ptr, cat_off_ptr, awf_v_ptr, awf_c_ptr,
                          awf_v_off_ptr, awf_c_off_ptr, B, C, P, M, nblk, n_params, cat_b_base, awf_v_base,
                          awf_c_base, has_ignore, ignore_index, num_labels, block_diag, L: tl.constexpr,
@@ -234,7 +245,7 @@ if triton is not None:
         for u in range(M):
             op = tl.load(map_op_ptr + u)
             arg = tl.load(map_arg_ptr + u)
-            z, alpha = _build_map(x_ptr, b, B, C, P, cls, pix, mask, op, arg, sub_size_ptr, sub_start_ptr,
+            z, alpha = _build_map(x0, x1, x2, x3, x4, x5, b, B, C, P, cls, pix, mask, op, arg, sub_size_ptr, sub_start_ptr,
                                   members_ptr, cat_w_ptr, cat_b_ptr, cat_off_ptr, awf_v_ptr, awf_c_ptr,
                                   awf_v_off_ptr, awf_c_off_ptr, block_diag, BLOCK_C, BLOCK_P, K_PAD)
             s, lse = _activate(z, cmask, SIGMOID)
@@ -267,7 +278,7 @@ if triton is not None:
                         prod = g
                         for i in range(k):
                             if i != j:
-                                prod = prod * _load_stage(x_ptr, tl.load(members_ptr + start + i), b, B, C, P,
+                                prod = prod * _load_stage(x0, x1, x2, x3, x4, x5, tl.load(members_ptr + start + i), b, B, C, P,
                                                           cls, pix, mask)
                         gx = _add_stage(gx, tl.load(members_ptr + start + j), prod, stage_ids)
                 elif op == 3:
@@ -277,7 +288,7 @@ if triton is not None:
                         mask=cmask)
                     for j in range(k):
                         sj = tl.load(members_ptr + start + j)
-                        xs = _load_stage(x_ptr, sj, b, B, C, P, cls, pix, mask)
+                        xs = _load_stage(x0, x1, x2, x3, x4, x5, sj, b, B, C, P, cls, pix, mask)
                         for c2 in range(C):
                             row = tl.sum(tl.where(cls[:, None] == c2, xs, 0.0), axis=0)
                             widx = woff + cls * (k * C) + j * C + c2
@@ -294,7 +305,7 @@ if triton is not None:
                     dal = tl.zeros((K_PAD, BLOCK_P), dtype=tl.float32)
                     for j in range(k):
                         sj = tl.load(members_ptr + start + j)
-                        xs = _load_stage(x_ptr, sj, b, B, C, P, cls, pix, mask)
+                        xs = _load_stage(x0, x1, x2, x3, x4, x5, sj, b, B, C, P, cls, pix, mask)
                         aj = tl.sum(tl.where(kk[:, None] == j, alpha, 0.0), axis=0)
                         gx = _add_stage(gx, sj, aj[None, :] * g, stage_ids)
                         dal += tl.where(kk[:, None] == j, tl.sum(g * xs, axis=0)[None, :], 0.0)
@@ -305,7 +316,7 @@ if triton is not None:
                              + tl.sum(da, axis=1), mask=kk < k)
                     for j in range(k):
                         sj = tl.load(members_ptr + start + j)
-                        xs = _load_stage(x_ptr, sj, b, B, C, P, cls, pix, mask)
+                        xs = _load_stage(x0, x1, x2, x3, x4, x5, sj, b, B, C, P, cls, pix, mask)
                         for r in range(k):
                             if (block_diag == 0) | (r == j):
                                 dar = tl.sum(tl.where(kk[:, None] == r, da, 0.0), axis=0)
@@ -315,10 +326,21 @@ if triton is not None:
                                          + tl.sum(xs * dar[None, :], axis=1), mask=cmask)
                                 v = tl.load(awf_v_ptr + voff + r * (k * C) + j * C + cls, mask=cmask, other=0.0)
                                 gx = _add_stage(gx, sj, v[:, None] * dar[None, :], stage_ids)
-        for s in tl.static_range(L):
+        offs = (b * C + cls[:, None]).to(tl.int64) * P + pix[None, :]
+        for s in tl.static_range(L):  # s is a compile-time constant: the branches fold away
             gs_ = tl.sum(tl.where(stage_ids[:, None, None] == s, gx, 0.0), axis=0)
-            offs = ((s * B + b) * C + cls[:, None]).to(tl.int64) * P + pix[None, :]
-            tl.store(gx_ptr + offs, gs_.to(gx_ptr.dtype.element_ty), mask=mask)
+            gp = g0
+            if s == 1:
+                gp = g1
+            elif s == 2:
+                gp = g2
+            elif s == 3:
+                gp = g3
+            elif s == 4:
+                gp = g4
+            elif s == 5:
+                gp = g5
+            tl.store(gp + offs, gs_.to(gp.dtype.element_ty), mask=mask)
 
 
 def _next_pow2(n: int) -> int:
@@ -349,8 +371,11 @@ class TritonKernels:
 
     @classmethod
     def _common(cls, plan, logits, target, pixel_weight):
-        x = torch.stack([z.reshape(z.shape[0], z.shape[1], -1) for z in logits])  # (L, B, C, P)
-        L, B, C, P = x.shape
+        if len(logits) > MAX_STAGES:
+            raise ValueError(f"backend='triton' supports at most {MAX_STAGES} stages, got {len(logits)}")
+        x = [z.reshape(z.shape[0], z.shape[1], -1) for z in logits]  # views (B, C, P), no copy
+        x = x + [x[0]] * (MAX_STAGES - len(x))  # unused pointer slots
+        L, (B, C, P) = len(logits), x[0].shape
         bc = _next_pow2(C)
         nblk = triton.cdiv(P, cls.BLOCK_P)
         soft = target.is_floating_point()
@@ -361,12 +386,13 @@ class TritonKernels:
     @classmethod
     def forward(cls, plan, logits, target, pixel_weight, params) -> MapStats:
         x, t, w, (L, B, C, P, bc, nblk, soft) = cls._common(plan, logits, target, pixel_weight)
-        tb = cls._tables(plan, C, x.device)
+        device = x[0].device
+        tb = cls._tables(plan, C, device)
         M = plan.num_maps
-        out = torch.empty(M, B, nblk, 3, bc, dtype=torch.float32, device=x.device)
-        tout = torch.empty(B, nblk, 3, bc, dtype=torch.float32, device=x.device)
+        out = torch.empty(M, B, nblk, 3, bc, dtype=torch.float32, device=device)
+        tout = torch.empty(B, nblk, 3, bc, dtype=torch.float32, device=device)
         _forward_kernel[(B * nblk, M)](
-            x, t, w, out, tout, tb["map_op"], tb["map_arg"], tb["size"], tb["start"], tb["members"],
+            *x, t, w, out, tout, tb["map_op"], tb["map_arg"], tb["size"], tb["start"], tb["members"],
             params[0], params[1], tb["cat_off"], params[2], params[3], tb["v_off"], tb["c_off"],
             B, C, P, nblk, plan.has_ignore, plan.ignore_index, plan.num_labels, plan.block_diagonal,
             Q=plan.q, SIGMOID=bool(plan.sigmoid), SOFT=soft, HAS_W=pixel_weight is not None,
@@ -379,22 +405,24 @@ class TritonKernels:
     @classmethod
     def backward(cls, plan, logits, target, pixel_weight, params, gce, ginter, gzsum):
         x, t, w, (L, B, C, P, bc, nblk, soft) = cls._common(plan, logits, target, pixel_weight)
-        tb = cls._tables(plan, C, x.device)
+        device = x[0].device
+        tb = cls._tables(plan, C, device)
         M = plan.num_maps
-        g = torch.zeros(M, B, 3, bc, dtype=torch.float32, device=x.device)
+        g = torch.zeros(M, B, 3, bc, dtype=torch.float32, device=device)
         g[:, :, 0, :C], g[:, :, 1, :C], g[:, :, 2, :C] = gce, ginter, gzsum
-        gx = torch.empty_like(x)
+        grads = [torch.empty_like(z) for z in logits]
+        gflat = [gz.view(B, C, P) for gz in grads]
+        gflat = gflat + [gflat[0]] * (MAX_STAGES - L)
         n_params = sum(p.numel() for p in params)
-        dp = torch.zeros(B * nblk, max(n_params, 1), dtype=torch.float32, device=x.device)
+        dp = torch.zeros(B * nblk, max(n_params, 1), dtype=torch.float32, device=device)
         _backward_kernel[(B * nblk,)](
-            x, t, w, g, gx, dp, tb["map_op"], tb["map_arg"], tb["size"], tb["start"], tb["members"],
+            *x, t, w, g, *gflat, dp, tb["map_op"], tb["map_arg"], tb["size"], tb["start"], tb["members"],
             params[0], params[1], tb["cat_off"], params[2], params[3], tb["v_off"], tb["c_off"],
             B, C, P, M, nblk, max(n_params, 1), params[0].numel(), params[0].numel() + params[1].numel(),
             params[0].numel() + params[1].numel() + params[2].numel(),
             plan.has_ignore, plan.ignore_index, plan.num_labels, plan.block_diagonal,
             L=L, L_PAD=_next_pow2(L), Q=plan.q, SIGMOID=bool(plan.sigmoid), SOFT=soft,
             HAS_W=pixel_weight is not None, BLOCK_C=bc, BLOCK_P=cls.BLOCK_P, K_PAD=tb["k_pad"])
-        grads = [gx[i].reshape(z.shape).clone() for i, z in enumerate(logits)]  # custom ops may not return aliases
         return grads, dp.sum(0)[:n_params]
 
 

@@ -75,3 +75,10 @@ def test_deterministic():
     a = torch.autograd.grad(crit(logits, target), logits)
     b = torch.autograd.grad(crit(logits, target), logits)
     assert all(torch.equal(x, y) for x, y in zip(a, b))
+
+
+def test_too_many_stages_says_so():
+    crit = lk.LoMixLoss(7, 2, scheme="deep_supervision", backend="triton").to(DEVICE)
+    logits = [z.to(DEVICE) for z in make_logits(7, 2, 1, (4, 4))]
+    with pytest.raises(ValueError, match="at most 6 stages"):
+        crit(logits, make_target(2, 1, (4, 4)).to(DEVICE))
