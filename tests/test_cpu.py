@@ -201,3 +201,30 @@ def test_native_resolution_allocates_no_full_resolution_copy():
         seen.add(fn)
         stack.extend(f for f, _ in fn.next_functions)
     assert not any("Upsample" in type(fn).__name__ for fn in seen)
+
+
+def _random_config(seed):
+    g = torch.Generator().manual_seed(seed)
+
+    def pick(options):
+        return options[int(torch.randint(len(options), (1,), generator=g))]
+
+    L, C, B = pick([2, 3, 4, 5]), pick([2, 3, 5, 8, 16]), pick([1, 2, 3])
+    sp = tuple(int(s) for s in torch.randint(3, 14, (pick([2, 3]),), generator=g))
+    heads = [tuple(max(1, int(s * float(torch.rand(1, generator=g)) + 0.5)) for s in sp) for _ in range(L - 1)] + [sp]
+    ops = pick(OP_SUBSETS)
+    opts = dict(dice_squared=pick([True, False]), dice_batch=pick([True, False]),
+                include_background=pick([True, False]), awf_param=pick(["official", "paper"]),
+                combine=pick(["additive", "multiplicative"]), ignore_index=pick([None, 250]))
+    return L, C, B, sp, heads, ops, opts, pick([torch.uint8, torch.int32, torch.int64])
+
+
+@pytest.mark.parametrize("seed", range(24))
+def test_random_configurations(seed):
+    """Randomly drawn (but fixed-seed) shapes, head sizes, op subsets and options."""
+    L, C, B, sp, heads, ops, opts, tdtype = _random_config(seed)
+    crit = randomize_params(lk.LoMixLoss(L, C, ops=ops, backend="cpu", **opts), seed=seed)
+    g = torch.Generator().manual_seed(seed + 100)
+    logits = [(torch.randn(B, C, *h, generator=g) * 2).requires_grad_() for h in heads]
+    target = make_target(C, B, sp, seed=seed, ignore_index=opts["ignore_index"], dtype=tdtype)
+    compare_to_reference(crit, logits, target)
