@@ -507,37 +507,42 @@ void activate(const Problem& pr, const float* __restrict z, Tile& tl) {
 }
 
 // Accumulate the sums of one map (z, tl.s) into ce/inter/zsum (C each, double).
-void accumulate_stats(const Problem& pr, const float* __restrict z, Tile& tl, double* ce, double* inter, double* zsum) {
+// Fold a row of TP per-pixel values into one 16-lane partial (no horizontal reduction per tile).
+inline void fold_row(v16& acc, const float* r) {
+  for (int i = 0; i < NV; ++i) acc += *(const v16*)(r + 16 * i);
+}
+
+// Accumulate the sums of one map (z, tl.s) into 16-lane partials: lanes[c] (ce), lanes[C + c]
+// (inter), lanes[2C + c] (zsum). The caller folds them into double every FLUSH_TILES tiles.
+void accumulate_stats(const Problem& pr, const float* __restrict z, Tile& tl, v16* lanes) {
   const int C = (int)pr.classes;
   const float* __restrict s = tl.s.data();
   const float* __restrict w = tl.w;
   const float* __restrict lse = tl.lse;
   const float* __restrict inv = tl.inv;
+  float ce_p[TP], i_p[TP], z_p[TP];
   for (int c = 0; c < C; ++c) {
     const float* __restrict zr = z + (size_t)c * TP;
     const float* __restrict sr = s + (size_t)c * TP;
     const float* __restrict tr = &tl.t[(size_t)c * TP];
-    float a_ce = 0.0f, a_i = 0.0f, a_z = 0.0f;
     if (pr.sigmoid) {
-#pragma omp simd reduction(+ : a_ce, a_i, a_z)
       for (int p = 0; p < TP; ++p) {
         const float bce = std::max(zr[p], 0.0f) - zr[p] * tr[p] + fast_log1p(fast_exp(-std::fabs(zr[p])));
-        a_ce += w[p] * bce;
-        a_i += w[p] * sr[p] * tr[p];
-        a_z += w[p] * (pr.q == 2 ? sr[p] * sr[p] : sr[p]);
+        ce_p[p] = w[p] * bce;
+        i_p[p] = w[p] * sr[p] * tr[p];
+        z_p[p] = w[p] * (pr.q == 2 ? sr[p] * sr[p] : sr[p]);
       }
     } else {
-#pragma omp simd reduction(+ : a_ce, a_i, a_z)
       for (int p = 0; p < TP; ++p) {
         const float sv = sr[p] * inv[p];
-        a_ce += w[p] * tr[p] * (lse[p] - zr[p]);
-        a_i += w[p] * sv * tr[p];
-        a_z += w[p] * (pr.q == 2 ? sv * sv : sv);
+        ce_p[p] = w[p] * tr[p] * (lse[p] - zr[p]);
+        i_p[p] = w[p] * sv * tr[p];
+        z_p[p] = w[p] * (pr.q == 2 ? sv * sv : sv);
       }
     }
-    ce[c] += a_ce;
-    inter[c] += a_i;
-    zsum[c] += a_z;
+    fold_row(lanes[c], ce_p);
+    fold_row(lanes[C + c], i_p);
+    fold_row(lanes[2 * C + c], z_p);
   }
 }
 
@@ -785,19 +790,25 @@ int lomix_cpu_forward(const Problem* prp, float* ce, float* inter, float* zsum, 
 #pragma omp parallel num_threads(num_threads(pr))
   {
     Tile tl(ly.L, C, ly.max_k);
+    std::vector<v16> lanes(map_block);  // 16-lane float partials of the per-map sums
 #pragma omp for schedule(dynamic, 1)
     for (int64_t it = 0; it < nI; ++it) {
       const Item item = items[it];
       double* acc = &part[(size_t)it * item_block];
+      auto flush = [&]() {
+        for (size_t e = 0; e < map_block; ++e) { acc[e] += hsum(lanes[e]); lanes[e] = v16{}; }
+      };
+      std::fill(lanes.begin(), lanes.end(), v16{});
+      int64_t tiles = 0;
       for (int64_t p0 = item.p0; p0 < item.p1; p0 += TP) {
         const int n = (int)std::min<int64_t>(TP, item.p1 - p0);
+        if (++tiles % FLUSH_TILES == 0) flush();
         load_tile(pr, stages, item.b, p0, n, tl, true, errs[it]);
         if (errs[it].code != ERR_NONE) break;
         for (int u = 0; u < M; ++u) {
           const float* z = build_map(pr, ly, u, tl);
           activate(pr, z, tl);
-          double* a = acc + (size_t)u * 3 * C;
-          accumulate_stats(pr, z, tl, a, a + C, a + 2 * C);
+          accumulate_stats(pr, z, tl, &lanes[(size_t)u * 3 * C]);
         }
         double* tg = acc + map_block;
         for (int c = 0; c < C; ++c) {
@@ -812,6 +823,7 @@ int lomix_cpu_forward(const Problem* prp, float* ce, float* inter, float* zsum, 
         }
         tg[2 * C] += sum_tp(tl.w);
       }
+      flush();
     }
   }
   const int code = first_error(errs, err_value);
