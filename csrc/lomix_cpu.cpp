@@ -790,7 +790,8 @@ int lomix_cpu_forward(const Problem* prp, float* ce, float* inter, float* zsum, 
 #pragma omp parallel num_threads(num_threads(pr))
   {
     Tile tl(ly.L, C, ly.max_k);
-    std::vector<v16> lanes(map_block);  // 16-lane float partials of the per-map sums
+    std::vector<float> lane_buf(map_block * 16);  // 16-lane float partials of the per-map sums
+    v16* lanes = (v16*)lane_buf.data();
 #pragma omp for schedule(dynamic, 1)
     for (int64_t it = 0; it < nI; ++it) {
       const Item item = items[it];
@@ -798,7 +799,7 @@ int lomix_cpu_forward(const Problem* prp, float* ce, float* inter, float* zsum, 
       auto flush = [&]() {
         for (size_t e = 0; e < map_block; ++e) { acc[e] += hsum(lanes[e]); lanes[e] = v16{}; }
       };
-      std::fill(lanes.begin(), lanes.end(), v16{});
+      std::fill(lane_buf.begin(), lane_buf.end(), 0.0f);
       int64_t tiles = 0;
       for (int64_t p0 = item.p0; p0 < item.p1; p0 += TP) {
         const int n = (int)std::min<int64_t>(TP, item.p1 - p0);
