@@ -2,16 +2,18 @@
 //
 // Plain C ABI (no torch headers): Python hands raw pointers through ctypes.
 //
-// Forward: each work item is a fixed chunk of pixels of one sample. It walks the chunk in tiles
-// of TP pixels; per tile it loads all L stages once (converted to float32), builds every map in
-// a small buffer, and accumulates the per-map per-class sums (CE, I, Z) plus the target sums.
+// Forward: each work item is a fixed band of whole output rows of one sample. It walks the band
+// in tiles of TP pixels; per tile it loads all L stages once (converted to float32; coarser
+// stages interpolated on the fly), builds every map in a small buffer, and accumulates the
+// per-map per-class sums (CE, I, Z) plus the target sums.
 // Backward: same walk; recomputes each map, forms dL/dz_u from the statistic gradients, pushes it
-// through the operator into per-stage tile gradients (written once per tile) and per-item
-// parameter partials. Partials are reduced over items in a fixed order: results do not depend
-// on the thread count or schedule (no float atomics).
+// through the operator into per-stage tile gradients (written once per tile, or scattered through
+// the interpolation adjoint into per-item native-resolution buffers) and per-item parameter
+// partials. Partials are reduced over items in a fixed order: results do not depend on the thread
+// count or schedule (no float atomics).
 //
-// Layouts: logits[i] is (B, C, P) contiguous, P = pixels per sample; pixels of one class are
-// contiguous, so the innermost loops run over TP pixels and vectorize.
+// Layouts: logits[i] is (B, C, P_i) contiguous, P_i = native pixels per sample of stage i; pixels
+// of one class are contiguous, so the innermost loops run over TP pixels and vectorize.
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
