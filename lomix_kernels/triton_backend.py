@@ -59,19 +59,25 @@ def check_usable(logits: Tensor) -> None:
 if triton is not None:
 
     @triton.jit
+    def _select(s, p0, p1, p2, p3, p4, p5):
+        """The s-th of six pointers (s may be a runtime value or a constexpr)."""
+        p = p0
+        if s == 1:
+            p = p1
+        elif s == 2:
+            p = p2
+        elif s == 3:
+            p = p3
+        elif s == 4:
+            p = p4
+        elif s == 5:
+            p = p5
+        return p
+
+    @triton.jit
     def _load_stage(x0, x1, x2, x3, x4, x5, s, b, B, C, P, cls, pix, mask):
         """(BLOCK_C, BLOCK_P) float32 logits of stage s (one of up to 6 (B, C, P) tensors), sample b."""
-        x = x0
-        if s == 1:
-            x = x1
-        elif s == 2:
-            x = x2
-        elif s == 3:
-            x = x3
-        elif s == 4:
-            x = x4
-        elif s == 5:
-            x = x5
+        x = _select(s, x0, x1, x2, x3, x4, x5)
         offs = (b * C + cls[:, None]).to(tl.int64) * P + pix[None, :]
         return tl.load(x + offs, mask=mask, other=0.0).to(tl.float32)
 
@@ -329,17 +335,7 @@ if triton is not None:
         offs = (b * C + cls[:, None]).to(tl.int64) * P + pix[None, :]
         for s in tl.static_range(L):  # s is a compile-time constant: the branches fold away
             gs_ = tl.sum(tl.where(stage_ids[:, None, None] == s, gx, 0.0), axis=0)
-            gp = g0
-            if s == 1:
-                gp = g1
-            elif s == 2:
-                gp = g2
-            elif s == 3:
-                gp = g3
-            elif s == 4:
-                gp = g4
-            elif s == 5:
-                gp = g5
+            gp = _select(s, g0, g1, g2, g3, g4, g5)
             tl.store(gp + offs, gs_.to(gp.dtype.element_ty), mask=mask)
 
 
