@@ -25,7 +25,7 @@ def _setup(name):
     logits = [torch.randn(B, C, *[s // (2 ** (L + 1 - i) if native else 1) for s in spatial]) for i in range(L)]
     target = torch.randint(0, C, (B, *spatial))
     params = [p.detach() for p in packed_params(crit.maps, L, C, crit.cat_weight, crit.cat_bias, crit.awf_weight,
-                                                crit.awf_bias, "official")]
+                                                crit.awf_bias, "official", torch.device("cpu"))]
     plan = Plan.build(crit.maps, L, C, crit.options(), "official")
     grads = [torch.randn(len(crit.maps), B, C) * 1e-3 for _ in range(3)]
     return plan, logits, target, params, grads

@@ -2,9 +2,23 @@
 peak-memory reading and held-out Dice."""
 from __future__ import annotations
 
+import argparse
+import os
+
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+
+def example_parser(doc: str, *, steps: int, size: int) -> argparse.ArgumentParser:
+    """The options every example takes: --steps, --size, --classes, --lr, --out."""
+    ap = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--steps", type=int, default=steps)
+    ap.add_argument("--size", type=int, default=size)
+    ap.add_argument("--classes", type=int, default=5)
+    ap.add_argument("--lr", type=float, default=3e-3)
+    ap.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "out"))
+    return ap
 
 
 def phantoms(n, size, num_classes, *, seed=0):

@@ -9,7 +9,6 @@ learned LoMix weights). Seeds are fixed: every scheme sees the same data and ini
 """
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 import time
@@ -19,7 +18,7 @@ from tqdm import tqdm
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import lomix_kernels as lk  # noqa: E402
-from common import UNet, dice_per_class, phantoms  # noqa: E402
+from common import UNet, dice_per_class, example_parser, phantoms  # noqa: E402
 
 SCHEMES = ("last_layer", "deep_supervision", "mutation", "lomix")
 
@@ -43,18 +42,14 @@ def train(scheme, data, args):
         bar.set_postfix(loss=f"{loss.item():.3f}")
     seconds = time.perf_counter() - t0
     dice = dice_per_class(model, *data["test"], args.classes)
-    return {"dice": dice, "seconds": seconds, "first_loss": losses[0], "last_loss": sum(losses[-10:]) / 10,
+    tail = losses[-10:]
+    return {"dice": dice, "seconds": seconds, "first_loss": losses[0], "last_loss": sum(tail) / len(tail),
             "crit": crit}
 
 
 def main():
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--steps", type=int, default=300)
+    ap = example_parser(__doc__, steps=300, size=96)
     ap.add_argument("--batch", type=int, default=8)
-    ap.add_argument("--size", type=int, default=96)
-    ap.add_argument("--classes", type=int, default=5)
-    ap.add_argument("--lr", type=float, default=3e-3)
-    ap.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "out"))
     args = ap.parse_args()
     os.makedirs(args.out, exist_ok=True)
     size = (args.size, args.size)

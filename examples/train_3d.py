@@ -10,7 +10,6 @@ plot as PNGs.
 """
 from __future__ import annotations
 
-import argparse
 import gc
 import os
 import sys
@@ -21,7 +20,8 @@ from tqdm import tqdm
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import lomix_kernels as lk  # noqa: E402
-from common import UNet, peak_rss_mb, phantoms, reset_peak_rss, return_freed_memory_to_os  # noqa: E402
+from common import (UNet, example_parser, peak_rss_mb, phantoms, reset_peak_rss,  # noqa: E402
+                    return_freed_memory_to_os)
 
 
 def loss_peak_mb(crit, logits, target):
@@ -35,13 +35,7 @@ def loss_peak_mb(crit, logits, target):
 
 
 def main():
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--steps", type=int, default=40)
-    ap.add_argument("--size", type=int, default=96)
-    ap.add_argument("--classes", type=int, default=5)
-    ap.add_argument("--lr", type=float, default=3e-3)
-    ap.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "out"))
-    args = ap.parse_args()
+    args = example_parser(__doc__, steps=40, size=96).parse_args()
     os.makedirs(args.out, exist_ok=True)
     size = (args.size,) * 3
     images, labels = phantoms(4, size, args.classes, seed=0)

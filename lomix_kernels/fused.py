@@ -135,32 +135,42 @@ def register_ops(name: str, kernels):
     return stats_op, backward_op
 
 
-def packed_params(maps, num_stages: int, num_classes: int, cat_w, cat_b, awf_w, awf_b, awf_param: str):
-    """The four flat float32 parameter tensors in the kernels' layout (zeros for absent ops)."""
-    subs = spec.subsets(num_stages)
+def packed_layout(subset_sizes: Sequence[int], num_classes: int):
+    """Offsets of each subset's block in the four packed parameter tensors, and their lengths.
+
+    Layout (shared with csrc/ and the Triton kernels): cat_w blocks (C, |S|C), cat_b blocks (C,),
+    awf_v blocks (|S|, |S|C), awf_c blocks (|S|,), in subset order.
+    Returns ``(offsets, totals)``: offsets maps "cat_w", "cat_b", "awf_v", "awf_c" to per-subset lists.
+    """
     C = num_classes
-    sizes = (sum(C * len(s) * C for s in subs), len(subs) * C,
-             sum(len(s) * len(s) * C for s in subs), sum(len(s) for s in subs))
+    block = {"cat_w": lambda k: C * k * C, "cat_b": lambda k: C, "awf_v": lambda k: k * k * C, "awf_c": lambda k: k}
+    offsets = {name: [] for name in block}
+    totals = []
+    for name, size in block.items():
+        at = 0
+        for k in subset_sizes:
+            offsets[name].append(at)
+            at += size(k)
+        totals.append(at)
+    return offsets, tuple(totals)
+
+
+def packed_params(maps, num_stages: int, num_classes: int, cat_w, cat_b, awf_w, awf_b, awf_param: str,
+                  device: torch.device):
+    """The four flat float32 parameter tensors in the kernels' layout (zeros for absent ops), on ``device``."""
+    _, totals = packed_layout([len(s) for s in spec.subsets(num_stages)], num_classes)
     used = {m.op for m in maps}
 
     def flat(tensors):
         return torch.cat([t.reshape(-1) for t in tensors]).float()
 
-    out = [torch.zeros(n, dtype=torch.float32, device=device) for n, device in
-           zip(sizes, [_device(cat_w, awf_w)] * 4)]
+    out = [torch.zeros(n, dtype=torch.float32, device=device) for n in totals]
     if "cat" in used:
         out[0], out[1] = flat(cat_w), flat(cat_b)
     if "awf" in used:
         vs, cs = dense_awf(awf_w, awf_b, awf_param, num_stages)
         out[2], out[3] = flat(vs), flat(cs)
     return out
-
-
-def _device(*groups):
-    for g in groups:
-        if g:
-            return g[0].device
-    return torch.device("cpu")
 
 
 def fused_stats(stats_op, inputs: Inputs, maps: Sequence[spec.MapInfo], cat_w, cat_b, awf_w, awf_b,
@@ -176,6 +186,6 @@ def fused_stats(stats_op, inputs: Inputs, maps: Sequence[spec.MapInfo], cat_w, c
     if inputs.soft:
         target = target.float()
     pixel_weight = None if inputs.pixel_weight is None else inputs.pixel_weight.float().contiguous()
-    params = packed_params(maps, num_stages, num_classes, cat_w, cat_b, awf_w, awf_b, awf_param)
+    params = packed_params(maps, num_stages, num_classes, cat_w, cat_b, awf_w, awf_b, awf_param, logits[0].device)
     tables, meta = Plan.build(maps, num_stages, num_classes, opts, awf_param).to_lists()
     return MapStats(*stats_op(logits, target, pixel_weight, *params, tables, meta))

@@ -20,7 +20,7 @@ import torch
 from torch import Tensor
 
 from .finish import MapStats
-from .fused import register_ops
+from .fused import packed_layout, register_ops
 
 try:  # triton is optional
     import triton
@@ -161,6 +161,16 @@ if triton is not None:
         return t, w
 
     @triton.jit
+    def _block(pid, nblk, C, P, BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr):
+        """Sample, pixel and class indices of program ``pid`` (BLOCK_P pixels of one sample) and masks."""
+        b = pid // nblk
+        pix = (pid % nblk) * BLOCK_P + tl.arange(0, BLOCK_P)
+        cls = tl.arange(0, BLOCK_C)
+        pmask = pix < P
+        cmask = cls < C
+        return b, pix, cls, pmask, cmask, cmask[:, None] & pmask[None, :]
+
+    @triton.jit
     def _activate(z, cmask, SIGMOID: tl.constexpr):
         """s = softmax over classes (or sigmoid), and lse (softmax) — masked classes excluded."""
         if SIGMOID:
@@ -183,12 +193,7 @@ if triton is not None:
                         HAS_W: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr, K_PAD: tl.constexpr):
         pid = tl.program_id(0)
         u = tl.program_id(1)
-        b = pid // nblk
-        pix = (pid % nblk) * BLOCK_P + tl.arange(0, BLOCK_P)
-        cls = tl.arange(0, BLOCK_C)
-        pmask = pix < P
-        cmask = cls < C
-        mask = cmask[:, None] & pmask[None, :]
+        b, pix, cls, pmask, cmask, mask = _block(pid, nblk, C, P, BLOCK_C, BLOCK_P)
         t, w = _target_block(t_ptr, w_ptr, b, C, P, cls, pix, pmask, SOFT, HAS_W, has_ignore, ignore_index,
                              num_labels, BLOCK_C)
         op = tl.load(map_op_ptr + u)
@@ -236,14 +241,9 @@ if triton is not None:
                          L_PAD: tl.constexpr, Q: tl.constexpr, SIGMOID: tl.constexpr, SOFT: tl.constexpr,
                          HAS_W: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr, K_PAD: tl.constexpr):
         pid = tl.program_id(0)
-        b = pid // nblk
-        pix = (pid % nblk) * BLOCK_P + tl.arange(0, BLOCK_P)
-        cls = tl.arange(0, BLOCK_C)
+        b, pix, cls, pmask, cmask, mask = _block(pid, nblk, C, P, BLOCK_C, BLOCK_P)
         kk = tl.arange(0, K_PAD)
         stage_ids = tl.arange(0, L_PAD)
-        pmask = pix < P
-        cmask = cls < C
-        mask = cmask[:, None] & pmask[None, :]
         t, w = _target_block(t_ptr, w_ptr, b, C, P, cls, pix, pmask, SOFT, HAS_W, has_ignore, ignore_index,
                              num_labels, BLOCK_C)
         gx = tl.zeros((L_PAD, BLOCK_C, BLOCK_P), dtype=tl.float32)
@@ -352,11 +352,9 @@ class TritonKernels:
     @staticmethod
     def _tables(plan, C, device):
         sizes = list(plan.subset_size)
-        starts, cat_off, v_off, c_off = [], [], [], []
-        a = w = v = c = 0
-        for k in sizes:
-            starts.append(a), cat_off.append(w), v_off.append(v), c_off.append(c)
-            a, w, v, c = a + k, w + C * k * C, v + k * k * C, c + k
+        starts = [sum(sizes[:j]) for j in range(len(sizes))]
+        offsets, _ = packed_layout(sizes, C)
+        cat_off, v_off, c_off = offsets["cat_w"], offsets["awf_v"], offsets["awf_c"]
 
         def i32(x):
             return torch.tensor(x if x else [0], dtype=torch.int32, device=device)

@@ -58,7 +58,7 @@ def test_custom_ops_pass_opcheck():
     crit = randomize_params(lk.LoMixLoss(3, 3, backend="cpu"))
     logits = [z.detach().contiguous() for z in make_logits(3, 3, 2, (6, 5))]
     params = [p.detach() for p in packed_params(crit.maps, 3, 3, crit.cat_weight, crit.cat_bias, crit.awf_weight,
-                                                crit.awf_bias, "official")]
+                                                crit.awf_bias, "official", torch.device("cpu"))]
     tables, meta = Plan.build(crit.maps, 3, 3, crit.options(), "official").to_lists()
     args = (logits, make_target(3, 2, (6, 5)), None, *params, tables, meta)
     torch.library.opcheck(CPU_STATS_OP, args, test_utils=("test_schema", "test_faketensor"))
