@@ -3,18 +3,31 @@
 With ``TRITON_INTERPRET=1`` (set before triton is imported) it also accepts CPU tensors and runs
 the same kernels through Triton's interpreter: that is how CI and users without a GPU test it.
 
-Layout: the L stages are upsampled to the target's size (the CPU backend fuses that; Triton does
-not yet) and passed as up to six (B, C, P) pointers, read in place. Each program of the forward
-takes BLOCK_P pixels of one sample and one map (grid = pixel blocks × M), builds the map in
-registers (classes padded to a power of two and masked) and writes its per-class partial sums;
-partials are reduced in a fixed order by torch. The backward's programs take BLOCK_P pixels and
-loop over all M maps, accumulating the stage gradients in registers (written once) and the
-parameter gradients as per-program partials, reduced in a fixed order: deterministic, no
-atomics, no host synchronization.
+Layout. The L stages arrive at their native resolution (any size up to the target's, 2D or 3D)
+as up to six (B, C, P_s) pointers, read in place; the target's grid is cut into tiles of
+TD × TH × TW pixels. A program takes a fixed set of tiles of one sample (so partial buffers do
+not grow with the image) and, per tile, interpolates every stage to the tile's pixels
+(bilinear / trilinear, align_corners=False, with the index and weight tables that
+F.interpolate uses), keeping them as one (L, C, pixels) register block.
+
+- Forward: grid = program groups × samples; per tile the program builds every map in registers
+  (classes padded to a power of two and masked) and adds its per-class sums to the program's own
+  partial row; partial rows are reduced by torch in a fixed order.
+- Backward: grid = program groups × samples; per tile the program loops over all maps,
+  accumulating the stage gradients in registers, and applies the interpolation's adjoint: a
+  stage at the target's size is written directly; a coarser stage's tile footprint (the native
+  cells the tile reads) is written to a *slot* buffer chosen by the tile's index modulo the
+  footprint overlap, so no two tiles ever write the same cell, and torch sums the few slots.
+  Parameter gradients are per-program partial rows summed in a fixed order.
+
+Deterministic (no atomics), no host synchronization, int64 offsets. No full-resolution copy of a
+coarse stage or of its gradient exists; the slot buffers hold K_d·K_h·K_w native-size copies
+(K = 2 per axis when a tile spans at least two native cells per axis).
 """
 from __future__ import annotations
 
 import os
+from functools import lru_cache
 
 import torch
 from torch import Tensor
@@ -75,14 +88,89 @@ if triton is not None:
         return p
 
     @triton.jit
-    def _load_stage(x0, x1, x2, x3, x4, x5, s, b, B, C, P, cls, pix, mask):
-        """(BLOCK_C, BLOCK_P) float32 logits of stage s (one of up to 6 (B, C, P) tensors), sample b."""
-        x = _select(s, x0, x1, x2, x3, x4, x5)
-        offs = (b * C + cls[:, None]).to(tl.int64) * P + pix[None, :]
-        return tl.load(x + offs, mask=mask, other=0.0).to(tl.float32)
+    def _tile(t, nth, ntw, D, H, W, TD: tl.constexpr, TH: tl.constexpr, TW: tl.constexpr):
+        """Tile t's indices (td, th, tw) and, for its TD·TH·TW pixels (row-major), their coordinates
+        (od, oh, ow), their offset in the target's grid (int64) and the in-bounds mask."""
+        td = t // (nth * ntw)
+        th = (t // ntw) % nth
+        tw = t % ntw
+        p = tl.arange(0, TD * TH * TW)
+        od = td * TD + p // (TH * TW)
+        oh = th * TH + (p // TW) % TH
+        ow = tw * TW + p % TW
+        pmask = (od < D) & (oh < H) & (ow < W)
+        pix = (od.to(tl.int64) * H + oh) * W + ow
+        return td, th, tw, od, oh, ow, pix, pmask
 
     @triton.jit
-    def _build_map(x0, x1, x2, x3, x4, x5, b, B, C, P, cls, pix, mask, op, arg, sub_size_ptr, sub_start_ptr, members_ptr,
+    def _axis(ax_i0, ax_i1, ax_l1, at, o, omask):
+        """Source indices (i0, i1) and weights (l0, l1) of output coordinates o along one axis, read from
+        the interpolation tables at offset ``at`` (the same indices and weights as F.interpolate)."""
+        i0 = tl.load(ax_i0 + at + o, mask=omask, other=0)
+        i1 = tl.load(ax_i1 + at + o, mask=omask, other=0)
+        l1 = tl.load(ax_l1 + at + o, mask=omask, other=0.0)
+        return i0, i1, 1.0 - l1, l1
+
+    @triton.jit
+    def _bilerp(x, base, plane, Ws, h0, h1, w0, w1, lh0, lh1, lw0, lw1, mask):
+        """Bilinear interpolation in one native plane (rows ``plane + h``) for every class row."""
+        r0 = (plane + h0) * Ws
+        r1 = (plane + h1) * Ws
+        v00 = tl.load(x + base + (r0 + w0)[None, :], mask=mask, other=0.0).to(tl.float32)
+        v01 = tl.load(x + base + (r0 + w1)[None, :], mask=mask, other=0.0).to(tl.float32)
+        v10 = tl.load(x + base + (r1 + w0)[None, :], mask=mask, other=0.0).to(tl.float32)
+        v11 = tl.load(x + base + (r1 + w1)[None, :], mask=mask, other=0.0).to(tl.float32)
+        return (lh0[None, :] * (lw0[None, :] * v00 + lw1[None, :] * v01)
+                + lh1[None, :] * (lw0[None, :] * v10 + lw1[None, :] * v11))
+
+    @triton.jit
+    def _load_stage(x, s, b, C, cls, cmask, od, oh, ow, pix, pmask, st_ptr, ax_i0, ax_i1, ax_l1, D, H, W,
+                    IS3D: tl.constexpr):
+        """(BLOCK_C, BLOCK_P) float32 logits of stage s (a (B, C, Ds·Hs·Ws) tensor at x), sample b, at the
+        tile's pixels: read in place at the target's size, else interpolated (align_corners=False)."""
+        Ds = tl.load(st_ptr + 8 * s)
+        Hs = tl.load(st_ptr + 8 * s + 1)
+        Ws = tl.load(st_ptr + 8 * s + 2)
+        base = (b * C + cls[:, None]).to(tl.int64) * (Ds * Hs * Ws)
+        mask = cmask[:, None] & pmask[None, :]
+        if tl.load(st_ptr + 8 * s + 6) != 0:  # same size as the target
+            v = tl.load(x + base + pix[None, :], mask=mask, other=0.0).to(tl.float32)
+        else:
+            at = s * (D + H + W)
+            h0, h1, lh0, lh1 = _axis(ax_i0, ax_i1, ax_l1, at + D, oh, pmask)
+            w0, w1, lw0, lw1 = _axis(ax_i0, ax_i1, ax_l1, at + D + H, ow, pmask)
+            if IS3D:
+                d0, d1, ld0, ld1 = _axis(ax_i0, ax_i1, ax_l1, at, od, pmask)
+                v = (ld0[None, :] * _bilerp(x, base, d0 * Hs, Ws, h0, h1, w0, w1, lh0, lh1, lw0, lw1, mask)
+                     + ld1[None, :] * _bilerp(x, base, d1 * Hs, Ws, h0, h1, w0, w1, lh0, lh1, lw0, lw1, mask))
+            else:
+                v = _bilerp(x, base, 0, Ws, h0, h1, w0, w1, lh0, lh1, lw0, lw1, mask)
+        return v
+
+    @triton.jit
+    def _load_stages(x0, x1, x2, x3, x4, x5, b, C, cls, cmask, od, oh, ow, pix, pmask, st_ptr, ax_i0, ax_i1,
+                     ax_l1, D, H, W, L: tl.constexpr, L_PAD: tl.constexpr, IS3D: tl.constexpr,
+                     BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr):
+        """All L stages at the tile's pixels: (L_PAD, BLOCK_C, BLOCK_P) float32."""
+        stage_ids = tl.arange(0, L_PAD)
+        xall = tl.zeros((L_PAD, BLOCK_C, BLOCK_P), dtype=tl.float32)
+        for s in tl.static_range(L):
+            v = _load_stage(_select(s, x0, x1, x2, x3, x4, x5), s, b, C, cls, cmask, od, oh, ow, pix, pmask,
+                            st_ptr, ax_i0, ax_i1, ax_l1, D, H, W, IS3D)
+            xall += tl.where(stage_ids[:, None, None] == s, v[None, :, :], 0.0)
+        return xall
+
+    @triton.jit
+    def _stage(xall, s, stage_ids):
+        """Stage s (runtime or constexpr) of an (L_PAD, BLOCK_C, BLOCK_P) block."""
+        return tl.sum(tl.where(stage_ids[:, None, None] == s, xall, 0.0), axis=0)
+
+    @triton.jit
+    def _add_stage(gx, s, val, stage_ids):
+        return gx + tl.where(stage_ids[:, None, None] == s, val[None, :, :], 0.0)
+
+    @triton.jit
+    def _build_map(xall, stage_ids, C, cls, op, arg, sub_size_ptr, sub_start_ptr, members_ptr,
                    cat_w_ptr, cat_b_ptr, cat_off_ptr, awf_v_ptr, awf_c_ptr, awf_v_off_ptr, awf_c_off_ptr,
                    block_diag, BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr, K_PAD: tl.constexpr):
         """Map logits z (BLOCK_C, BLOCK_P) and, for awf, alpha (K_PAD, BLOCK_P)."""
@@ -91,24 +179,24 @@ if triton is not None:
         alpha = tl.zeros((K_PAD, BLOCK_P), dtype=tl.float32)
         z = tl.zeros((BLOCK_C, BLOCK_P), dtype=tl.float32)
         if op == 0:
-            z = _load_stage(x0, x1, x2, x3, x4, x5, arg, b, B, C, P, cls, pix, mask)
+            z = _stage(xall, arg, stage_ids)
         else:
             k = tl.load(sub_size_ptr + arg)
             start = tl.load(sub_start_ptr + arg)
             if op == 1:
                 for j in range(k):
-                    z += _load_stage(x0, x1, x2, x3, x4, x5, tl.load(members_ptr + start + j), b, B, C, P, cls, pix, mask)
+                    z += _stage(xall, tl.load(members_ptr + start + j), stage_ids)
             elif op == 2:
-                z = _load_stage(x0, x1, x2, x3, x4, x5, tl.load(members_ptr + start), b, B, C, P, cls, pix, mask)
+                z = _stage(xall, tl.load(members_ptr + start), stage_ids)
                 for j in range(1, k):
-                    z = z * _load_stage(x0, x1, x2, x3, x4, x5, tl.load(members_ptr + start + j), b, B, C, P, cls, pix, mask)
+                    z = z * _stage(xall, tl.load(members_ptr + start + j), stage_ids)
             elif op == 3:
                 woff = tl.load(cat_off_ptr + arg)
                 z = tl.zeros((BLOCK_C, BLOCK_P), dtype=tl.float32) + tl.load(
                     cat_b_ptr + arg * C + cls, mask=cmask, other=0.0)[:, None]
                 for j in range(k):
                     s = tl.load(members_ptr + start + j)
-                    xs = _load_stage(x0, x1, x2, x3, x4, x5, s, b, B, C, P, cls, pix, mask)
+                    xs = _stage(xall, s, stage_ids)
                     for c2 in range(C):
                         row = tl.sum(tl.where(cls[:, None] == c2, xs, 0.0), axis=0)
                         wcol = tl.load(cat_w_ptr + woff + cls * (k * C) + j * C + c2, mask=cmask, other=0.0)
@@ -120,7 +208,7 @@ if triton is not None:
                     (K_PAD, BLOCK_P), dtype=tl.float32)
                 for j in range(k):
                     s = tl.load(members_ptr + start + j)
-                    xs = _load_stage(x0, x1, x2, x3, x4, x5, s, b, B, C, P, cls, pix, mask)
+                    xs = _stage(xall, s, stage_ids)
                     for r in range(k):
                         if (block_diag == 0) | (r == j):
                             v = tl.load(awf_v_ptr + voff + r * (k * C) + j * C + cls, mask=cmask, other=0.0)
@@ -134,13 +222,13 @@ if triton is not None:
                 for j in range(k):
                     s = tl.load(members_ptr + start + j)
                     aj = tl.sum(tl.where(kk[:, None] == j, alpha, 0.0), axis=0)
-                    z += aj[None, :] * _load_stage(x0, x1, x2, x3, x4, x5, s, b, B, C, P, cls, pix, mask)
+                    z += aj[None, :] * _stage(xall, s, stage_ids)
         return z, alpha
 
     @triton.jit
     def _target_block(t_ptr, w_ptr, b, C, P, cls, pix, pmask, SOFT: tl.constexpr, HAS_W: tl.constexpr,
                       has_ignore, ignore_index, num_labels, BLOCK_C: tl.constexpr):
-        """Target t (BLOCK_C, BLOCK_P) and pixel weight w (BLOCK_P,)."""
+        """Target t (BLOCK_C, BLOCK_P) and pixel weight w (BLOCK_P,) at the tile's pixels."""
         cmask = cls < C
         if SOFT:
             offs = (b * C + cls[:, None]).to(tl.int64) * P + pix[None, :]
@@ -161,16 +249,6 @@ if triton is not None:
         return t, w
 
     @triton.jit
-    def _block(pid, nblk, C, P, BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr):
-        """Sample, pixel and class indices of program ``pid`` (BLOCK_P pixels of one sample) and masks."""
-        b = pid // nblk
-        pix = (pid % nblk) * BLOCK_P + tl.arange(0, BLOCK_P)
-        cls = tl.arange(0, BLOCK_C)
-        pmask = pix < P
-        cmask = cls < C
-        return b, pix, cls, pmask, cmask, cmask[:, None] & pmask[None, :]
-
-    @triton.jit
     def _activate(z, cmask, SIGMOID: tl.constexpr):
         """s = softmax over classes (or sigmoid), and lse (softmax) — masked classes excluded."""
         if SIGMOID:
@@ -186,238 +264,458 @@ if triton is not None:
         return s, lse
 
     @triton.jit
-    def _forward_kernel(x0, x1, x2, x3, x4, x5, t_ptr, w_ptr, out_ptr, tout_ptr, map_op_ptr, map_arg_ptr, sub_size_ptr,
-                        sub_start_ptr, members_ptr, cat_w_ptr, cat_b_ptr, cat_off_ptr, awf_v_ptr, awf_c_ptr,
-                        awf_v_off_ptr, awf_c_off_ptr, B, C, P, nblk, has_ignore, ignore_index, num_labels,
-                        block_diag, Q: tl.constexpr, SIGMOID: tl.constexpr, SOFT: tl.constexpr,
-                        HAS_W: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr, K_PAD: tl.constexpr):
-        pid = tl.program_id(0)
-        u = tl.program_id(1)
-        b, pix, cls, pmask, cmask, mask = _block(pid, nblk, C, P, BLOCK_C, BLOCK_P)
-        t, w = _target_block(t_ptr, w_ptr, b, C, P, cls, pix, pmask, SOFT, HAS_W, has_ignore, ignore_index,
-                             num_labels, BLOCK_C)
-        op = tl.load(map_op_ptr + u)
-        arg = tl.load(map_arg_ptr + u)
-        z, alpha = _build_map(x0, x1, x2, x3, x4, x5, b, B, C, P, cls, pix, mask, op, arg, sub_size_ptr, sub_start_ptr,
-                              members_ptr, cat_w_ptr, cat_b_ptr, cat_off_ptr, awf_v_ptr, awf_c_ptr, awf_v_off_ptr,
-                              awf_c_off_ptr, block_diag, BLOCK_C, BLOCK_P, K_PAD)
-        s, lse = _activate(z, cmask, SIGMOID)
-        if SIGMOID:
-            ce = tl.maximum(z, 0.0) - z * t + tl.log(1.0 + tl.exp(-tl.abs(z)))
-        else:
-            ce = t * (lse[None, :] - z)
-        wb = w[None, :]
-        ce = tl.where(mask, wb * ce, 0.0)
-        inter = tl.where(mask, wb * s * t, 0.0)
-        if Q == 2:
-            zs = tl.where(mask, wb * s * s, 0.0)
-        else:
-            zs = tl.where(mask, wb * s, 0.0)
-        # partials: out[u, b, blk, 3, BLOCK_C]
-        base = ((u * B + b) * nblk + pid % nblk) * 3 * BLOCK_C
-        tl.store(out_ptr + base + cls, tl.sum(ce, axis=1))
-        tl.store(out_ptr + base + BLOCK_C + cls, tl.sum(inter, axis=1))
-        tl.store(out_ptr + base + 2 * BLOCK_C + cls, tl.sum(zs, axis=1))
-        if u == 0:  # target sums: tout[b, blk, 3, BLOCK_C] = Σω t, Σω t^q, Σω
-            tb = (b * nblk + pid % nblk) * 3 * BLOCK_C
+    def _forward_kernel(x0, x1, x2, x3, x4, x5, st_ptr, ax_i0, ax_i1, ax_l1, t_ptr, w_ptr, out_ptr, tout_ptr,
+                        map_op_ptr, map_arg_ptr, sub_size_ptr, sub_start_ptr, members_ptr, cat_w_ptr, cat_b_ptr,
+                        cat_off_ptr, awf_v_ptr, awf_c_ptr, awf_v_off_ptr, awf_c_off_ptr, B, C, D, H, W, nth, ntw,
+                        nt, G, M, has_ignore, ignore_index, num_labels, block_diag, L: tl.constexpr,
+                        L_PAD: tl.constexpr, Q: tl.constexpr, SIGMOID: tl.constexpr, SOFT: tl.constexpr,
+                        HAS_W: tl.constexpr, IS3D: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr,
+                        TD: tl.constexpr, TH: tl.constexpr, TW: tl.constexpr, K_PAD: tl.constexpr):
+        """Program (grp, b): tiles grp, grp + G, ... of sample b; per tile the stages and the target are
+        read once and all M maps are built from registers. Accumulates into its own zeroed partial row
+        out[b, grp, M, 3, BLOCK_C] = Σω·ce, Σω·s·t, Σω·s^q per map, and writes tout[b, grp, 3, BLOCK_C] =
+        Σω·t, Σω·t^q, Σω (class 0)."""
+        grp = tl.program_id(0)
+        b = tl.program_id(1)
+        cls = tl.arange(0, BLOCK_C)
+        cmask = cls < C
+        stage_ids = tl.arange(0, L_PAD)
+        P = D * H * W
+        row = out_ptr + (b * G + grp).to(tl.int64) * M * 3 * BLOCK_C
+        acc_t1 = tl.zeros((BLOCK_C,), dtype=tl.float32)
+        acc_tq = tl.zeros((BLOCK_C,), dtype=tl.float32)
+        acc_w = tl.zeros((BLOCK_C,), dtype=tl.float32)
+        for tile in range(grp, nt, G):
+            td, th, tw, od, oh, ow, pix, pmask = _tile(tile, nth, ntw, D, H, W, TD, TH, TW)
+            mask = cmask[:, None] & pmask[None, :]
+            t, w = _target_block(t_ptr, w_ptr, b, C, P, cls, pix, pmask, SOFT, HAS_W, has_ignore, ignore_index,
+                                 num_labels, BLOCK_C)
+            wb = w[None, :]
             t1 = tl.where(mask, wb * t, 0.0)
+            acc_t1 += tl.sum(t1, axis=1)
             if Q == 2:
-                tq = tl.where(mask, wb * t * t, 0.0)
+                acc_tq += tl.sum(tl.where(mask, wb * t * t, 0.0), axis=1)
             else:
-                tq = t1
-            tl.store(tout_ptr + tb + cls, tl.sum(t1, axis=1))
-            tl.store(tout_ptr + tb + BLOCK_C + cls, tl.sum(tq, axis=1))
-            tl.store(tout_ptr + tb + 2 * BLOCK_C + cls, tl.where(cls == 0, tl.sum(w, axis=0), 0.0))
+                acc_tq += tl.sum(t1, axis=1)
+            acc_w += tl.where(cls == 0, tl.sum(w, axis=0), 0.0)
+            xall = _load_stages(x0, x1, x2, x3, x4, x5, b, C, cls, cmask, od, oh, ow, pix, pmask, st_ptr, ax_i0,
+                                ax_i1, ax_l1, D, H, W, L, L_PAD, IS3D, BLOCK_C, BLOCK_P)
+            for u in range(M):
+                op = tl.load(map_op_ptr + u)
+                arg = tl.load(map_arg_ptr + u)
+                z, alpha = _build_map(xall, stage_ids, C, cls, op, arg, sub_size_ptr, sub_start_ptr, members_ptr,
+                                      cat_w_ptr, cat_b_ptr, cat_off_ptr, awf_v_ptr, awf_c_ptr, awf_v_off_ptr,
+                                      awf_c_off_ptr, block_diag, BLOCK_C, BLOCK_P, K_PAD)
+                s, lse = _activate(z, cmask, SIGMOID)
+                if SIGMOID:
+                    ce = tl.maximum(z, 0.0) - z * t + tl.log(1.0 + tl.exp(-tl.abs(z)))
+                else:
+                    ce = t * (lse[None, :] - z)
+                if Q == 2:
+                    zs = s * s
+                else:
+                    zs = s
+                at = row + u * 3 * BLOCK_C + cls
+                tl.store(at, tl.load(at) + tl.sum(tl.where(mask, wb * ce, 0.0), axis=1))
+                tl.store(at + BLOCK_C, tl.load(at + BLOCK_C) + tl.sum(tl.where(mask, wb * s * t, 0.0), axis=1))
+                tl.store(at + 2 * BLOCK_C, tl.load(at + 2 * BLOCK_C) + tl.sum(tl.where(mask, wb * zs, 0.0), axis=1))
+        tb = (b * G + grp) * 3 * BLOCK_C
+        tl.store(tout_ptr + tb + cls, acc_t1)
+        tl.store(tout_ptr + tb + BLOCK_C + cls, acc_tq)
+        tl.store(tout_ptr + tb + 2 * BLOCK_C + cls, acc_w)
 
     @triton.jit
-    def _add_stage(gx, s, val, stage_ids):
-        return gx + tl.where(stage_ids[:, None, None] == s, val[None, :, :], 0.0)
+    def _write_stage_grad(gs, s, gp, slot_ptr, slot_off_ptr, b, B, C, cls, cmask, td, th, tw, od, oh, ow, pix,
+                          pmask, st_ptr, ax_i0, ax_i1, ax_l1, D, H, W, IS3D: tl.constexpr, TD: tl.constexpr,
+                          TH: tl.constexpr, TW: tl.constexpr):
+        """Stage s's gradient gs (BLOCK_C, BLOCK_P) on one tile: stored in place when the stage has the
+        target's size; else pushed through the interpolation's adjoint onto the tile's native footprint
+        (from its first pixel's i0 to its last pixel's i1 on each axis), written to the tile's slot."""
+        Ds = tl.load(st_ptr + 8 * s)
+        Hs = tl.load(st_ptr + 8 * s + 1)
+        Ws = tl.load(st_ptr + 8 * s + 2)
+        Ps = Ds * Hs * Ws
+        if tl.load(st_ptr + 8 * s + 6) != 0:
+            offs = (b * C + cls[:, None]).to(tl.int64) * Ps + pix[None, :]
+            tl.store(gp + offs, gs.to(gp.dtype.element_ty), mask=cmask[:, None] & pmask[None, :])
+        else:
+            KD = tl.load(st_ptr + 8 * s + 3)
+            KH = tl.load(st_ptr + 8 * s + 4)
+            KW = tl.load(st_ptr + 8 * s + 5)
+            at = s * (D + H + W)
+            h0, h1, lh0, lh1 = _axis(ax_i0, ax_i1, ax_l1, at + D, oh, pmask)
+            w0, w1, lw0, lw1 = _axis(ax_i0, ax_i1, ax_l1, at + D + H, ow, pmask)
+            bh = tl.load(ax_i0 + at + D + th * TH)
+            nh = tl.load(ax_i1 + at + D + tl.minimum(th * TH + TH, H) - 1) - bh + 1
+            bw = tl.load(ax_i0 + at + D + H + tw * TW)
+            nw = tl.load(ax_i1 + at + D + H + tl.minimum(tw * TW + TW, W) - 1) - bw + 1
+            if IS3D:
+                d0, d1, ld0, ld1 = _axis(ax_i0, ax_i1, ax_l1, at, od, pmask)
+                bd = tl.load(ax_i0 + at + td * TD)
+                nd = tl.load(ax_i1 + at + tl.minimum(td * TD + TD, D) - 1) - bd + 1
+            else:
+                bd = 0
+                nd = 1
+            slot = ((td % KD) * KH + th % KH) * KW + tw % KW
+            base = tl.load(slot_off_ptr + s) + ((slot * B + b) * C + cls).to(tl.int64) * Ps
+            live = tl.where(pmask, 1.0, 0.0)
+            for fd in range(nd):
+                if IS3D:
+                    ad = live * (tl.where(d0 == bd + fd, ld0, 0.0) + tl.where(d1 == bd + fd, ld1, 0.0))
+                else:
+                    ad = live
+                for fh in range(nh):
+                    ah = ad * (tl.where(h0 == bh + fh, lh0, 0.0) + tl.where(h1 == bh + fh, lh1, 0.0))
+                    for fw in range(nw):
+                        a = ah * (tl.where(w0 == bw + fw, lw0, 0.0) + tl.where(w1 == bw + fw, lw1, 0.0))
+                        cell = ((bd + fd) * Hs + bh + fh) * Ws + bw + fw
+                        tl.store(slot_ptr + base + cell, tl.sum(gs * a[None, :], axis=1), mask=cmask)
 
     @triton.jit
-    def _backward_kernel(x0, x1, x2, x3, x4, x5, t_ptr, w_ptr, g_ptr, g0, g1, g2, g3, g4, g5, dp_ptr, map_op_ptr, map_arg_ptr, sub_size_ptr,
+    def _backward_kernel(x0, x1, x2, x3, x4, x5, st_ptr, ax_i0, ax_i1, ax_l1, t_ptr, w_ptr, g_ptr, g0, g1, g2, g3,
+                         g4, g5, slot_ptr, slot_off_ptr, dp_ptr, map_op_ptr, map_arg_ptr, sub_size_ptr,
                          sub_start_ptr, members_ptr, cat_w_ptr, cat_b_ptr, cat_off_ptr, awf_v_ptr, awf_c_ptr,
-                         awf_v_off_ptr, awf_c_off_ptr, B, C, P, M, nblk, n_params, cat_b_base, awf_v_base,
-                         awf_c_base, has_ignore, ignore_index, num_labels, block_diag, L: tl.constexpr,
-                         L_PAD: tl.constexpr, Q: tl.constexpr, SIGMOID: tl.constexpr, SOFT: tl.constexpr,
-                         HAS_W: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr, K_PAD: tl.constexpr):
-        pid = tl.program_id(0)
-        b, pix, cls, pmask, cmask, mask = _block(pid, nblk, C, P, BLOCK_C, BLOCK_P)
+                         awf_v_off_ptr, awf_c_off_ptr, B, C, D, H, W, nth, ntw, nt, G, M, n_params, cat_b_base,
+                         awf_v_base, awf_c_base, has_ignore, ignore_index, num_labels, block_diag,
+                         L: tl.constexpr, L_PAD: tl.constexpr, Q: tl.constexpr, SIGMOID: tl.constexpr,
+                         SOFT: tl.constexpr, HAS_W: tl.constexpr, IS3D: tl.constexpr, BLOCK_C: tl.constexpr,
+                         BLOCK_P: tl.constexpr, TD: tl.constexpr, TH: tl.constexpr, TW: tl.constexpr,
+                         K_PAD: tl.constexpr):
+        """Program (grp, b): tiles grp, grp + G, ... of sample b. Per tile, loops over the M maps with the
+        statistic gradients g[u, b, 3, BLOCK_C] (gce, ginter, gzsum), accumulates dL/d(stage) in registers
+        and writes it once per stage (_write_stage_grad); parameter gradients go to the program's own
+        partial row dp[b·G + grp, n_params]."""
+        grp = tl.program_id(0)
+        b = tl.program_id(1)
+        cls = tl.arange(0, BLOCK_C)
+        cmask = cls < C
         kk = tl.arange(0, K_PAD)
         stage_ids = tl.arange(0, L_PAD)
-        t, w = _target_block(t_ptr, w_ptr, b, C, P, cls, pix, pmask, SOFT, HAS_W, has_ignore, ignore_index,
-                             num_labels, BLOCK_C)
-        gx = tl.zeros((L_PAD, BLOCK_C, BLOCK_P), dtype=tl.float32)
-        dp_base = pid.to(tl.int64) * n_params
-        for u in range(M):
-            op = tl.load(map_op_ptr + u)
-            arg = tl.load(map_arg_ptr + u)
-            z, alpha = _build_map(x0, x1, x2, x3, x4, x5, b, B, C, P, cls, pix, mask, op, arg, sub_size_ptr, sub_start_ptr,
-                                  members_ptr, cat_w_ptr, cat_b_ptr, cat_off_ptr, awf_v_ptr, awf_c_ptr,
-                                  awf_v_off_ptr, awf_c_off_ptr, block_diag, BLOCK_C, BLOCK_P, K_PAD)
-            s, lse = _activate(z, cmask, SIGMOID)
-            go = ((u * B + b) * 3) * BLOCK_C  # g[u, b, 3, BLOCK_C]: gce, ginter, gzsum
-            gce = tl.load(g_ptr + go + cls)[:, None]
-            gi = tl.load(g_ptr + go + BLOCK_C + cls)[:, None]
-            gz = tl.load(g_ptr + go + 2 * BLOCK_C + cls)[:, None]
-            wb = w[None, :]
-            if Q == 2:
-                gs = gi * t + 2.0 * gz * s
-            else:
-                gs = gi * t + gz
-            if SIGMOID:
-                g = wb * (gs * s * (1.0 - s) + gce * (s - t))
-            else:
-                dot = tl.sum(tl.where(mask, gs * s, 0.0), axis=0)
-                a = tl.sum(tl.where(mask, gce * t, 0.0), axis=0)
-                g = wb * (s * (gs - dot[None, :] + a[None, :]) - gce * t)
-            g = tl.where(mask, g, 0.0)
-            if op == 0:
-                gx = _add_stage(gx, arg, g, stage_ids)
-            else:
-                k = tl.load(sub_size_ptr + arg)
-                start = tl.load(sub_start_ptr + arg)
-                if op == 1:
-                    for j in range(k):
-                        gx = _add_stage(gx, tl.load(members_ptr + start + j), g, stage_ids)
-                elif op == 2:
-                    for j in range(k):
-                        prod = g
-                        for i in range(k):
-                            if i != j:
-                                prod = prod * _load_stage(x0, x1, x2, x3, x4, x5, tl.load(members_ptr + start + i), b, B, C, P,
-                                                          cls, pix, mask)
-                        gx = _add_stage(gx, tl.load(members_ptr + start + j), prod, stage_ids)
-                elif op == 3:
-                    woff = tl.load(cat_off_ptr + arg)
-                    tl.store(dp_ptr + dp_base + cat_b_base + arg * C + cls, tl.load(
-                        dp_ptr + dp_base + cat_b_base + arg * C + cls, mask=cmask, other=0.0) + tl.sum(g, axis=1),
-                        mask=cmask)
-                    for j in range(k):
-                        sj = tl.load(members_ptr + start + j)
-                        xs = _load_stage(x0, x1, x2, x3, x4, x5, sj, b, B, C, P, cls, pix, mask)
-                        for c2 in range(C):
-                            row = tl.sum(tl.where(cls[:, None] == c2, xs, 0.0), axis=0)
-                            widx = woff + cls * (k * C) + j * C + c2
-                            dw = tl.sum(g * row[None, :], axis=1)
-                            tl.store(dp_ptr + dp_base + widx, tl.load(dp_ptr + dp_base + widx, mask=cmask,
-                                                                      other=0.0) + dw, mask=cmask)
-                            wcol = tl.load(cat_w_ptr + widx, mask=cmask, other=0.0)
-                            back = tl.sum(wcol[:, None] * g, axis=0)
-                            gx += tl.where((stage_ids[:, None, None] == sj) & (cls[None, :, None] == c2),
-                                           back[None, None, :], 0.0)
+        P = D * H * W
+        dp_base = (b * G + grp).to(tl.int64) * n_params
+        for tile in range(grp, nt, G):
+            td, th, tw, od, oh, ow, pix, pmask = _tile(tile, nth, ntw, D, H, W, TD, TH, TW)
+            mask = cmask[:, None] & pmask[None, :]
+            t, w = _target_block(t_ptr, w_ptr, b, C, P, cls, pix, pmask, SOFT, HAS_W, has_ignore, ignore_index,
+                                 num_labels, BLOCK_C)
+            xall = _load_stages(x0, x1, x2, x3, x4, x5, b, C, cls, cmask, od, oh, ow, pix, pmask, st_ptr, ax_i0,
+                                ax_i1, ax_l1, D, H, W, L, L_PAD, IS3D, BLOCK_C, BLOCK_P)
+            gx = tl.zeros((L_PAD, BLOCK_C, BLOCK_P), dtype=tl.float32)
+            for u in range(M):
+                op = tl.load(map_op_ptr + u)
+                arg = tl.load(map_arg_ptr + u)
+                z, alpha = _build_map(xall, stage_ids, C, cls, op, arg, sub_size_ptr, sub_start_ptr, members_ptr,
+                                      cat_w_ptr, cat_b_ptr, cat_off_ptr, awf_v_ptr, awf_c_ptr, awf_v_off_ptr,
+                                      awf_c_off_ptr, block_diag, BLOCK_C, BLOCK_P, K_PAD)
+                s, lse = _activate(z, cmask, SIGMOID)
+                go = ((u * B + b) * 3) * BLOCK_C
+                gce = tl.load(g_ptr + go + cls)[:, None]
+                gi = tl.load(g_ptr + go + BLOCK_C + cls)[:, None]
+                gz = tl.load(g_ptr + go + 2 * BLOCK_C + cls)[:, None]
+                wb = w[None, :]
+                if Q == 2:
+                    gs = gi * t + 2.0 * gz * s
                 else:
-                    voff = tl.load(awf_v_off_ptr + arg)
-                    coff = tl.load(awf_c_off_ptr + arg)
-                    dal = tl.zeros((K_PAD, BLOCK_P), dtype=tl.float32)
-                    for j in range(k):
-                        sj = tl.load(members_ptr + start + j)
-                        xs = _load_stage(x0, x1, x2, x3, x4, x5, sj, b, B, C, P, cls, pix, mask)
-                        aj = tl.sum(tl.where(kk[:, None] == j, alpha, 0.0), axis=0)
-                        gx = _add_stage(gx, sj, aj[None, :] * g, stage_ids)
-                        dal += tl.where(kk[:, None] == j, tl.sum(g * xs, axis=0)[None, :], 0.0)
-                    dotal = tl.sum(alpha * dal, axis=0)
-                    da = alpha * (dal - dotal[None, :])
-                    cidx = awf_c_base + coff + kk
-                    tl.store(dp_ptr + dp_base + cidx, tl.load(dp_ptr + dp_base + cidx, mask=kk < k, other=0.0)
-                             + tl.sum(da, axis=1), mask=kk < k)
-                    for j in range(k):
-                        sj = tl.load(members_ptr + start + j)
-                        xs = _load_stage(x0, x1, x2, x3, x4, x5, sj, b, B, C, P, cls, pix, mask)
-                        for r in range(k):
-                            if (block_diag == 0) | (r == j):
-                                dar = tl.sum(tl.where(kk[:, None] == r, da, 0.0), axis=0)
-                                vidx = awf_v_base + voff + r * (k * C) + j * C + cls
-                                tl.store(dp_ptr + dp_base + vidx, tl.load(dp_ptr + dp_base + vidx, mask=cmask,
+                    gs = gi * t + gz
+                if SIGMOID:
+                    g = wb * (gs * s * (1.0 - s) + gce * (s - t))
+                else:
+                    dot = tl.sum(tl.where(mask, gs * s, 0.0), axis=0)
+                    a = tl.sum(tl.where(mask, gce * t, 0.0), axis=0)
+                    g = wb * (s * (gs - dot[None, :] + a[None, :]) - gce * t)
+                g = tl.where(mask, g, 0.0)  # dL/dz_u (BLOCK_C, BLOCK_P)
+                if op == 0:
+                    gx = _add_stage(gx, arg, g, stage_ids)
+                else:
+                    k = tl.load(sub_size_ptr + arg)
+                    start = tl.load(sub_start_ptr + arg)
+                    if op == 1:
+                        for j in range(k):
+                            gx = _add_stage(gx, tl.load(members_ptr + start + j), g, stage_ids)
+                    elif op == 2:
+                        for j in range(k):
+                            prod = g
+                            for i in range(k):
+                                if i != j:
+                                    prod = prod * _stage(xall, tl.load(members_ptr + start + i), stage_ids)
+                            gx = _add_stage(gx, tl.load(members_ptr + start + j), prod, stage_ids)
+                    elif op == 3:
+                        woff = tl.load(cat_off_ptr + arg)
+                        bidx = dp_base + cat_b_base + arg * C + cls
+                        tl.store(dp_ptr + bidx, tl.load(dp_ptr + bidx, mask=cmask, other=0.0) + tl.sum(g, axis=1),
+                                 mask=cmask)
+                        for j in range(k):
+                            sj = tl.load(members_ptr + start + j)
+                            xs = _stage(xall, sj, stage_ids)
+                            for c2 in range(C):
+                                row = tl.sum(tl.where(cls[:, None] == c2, xs, 0.0), axis=0)
+                                widx = woff + cls * (k * C) + j * C + c2
+                                tl.store(dp_ptr + dp_base + widx, tl.load(dp_ptr + dp_base + widx, mask=cmask,
                                                                           other=0.0)
-                                         + tl.sum(xs * dar[None, :], axis=1), mask=cmask)
-                                v = tl.load(awf_v_ptr + voff + r * (k * C) + j * C + cls, mask=cmask, other=0.0)
-                                gx = _add_stage(gx, sj, v[:, None] * dar[None, :], stage_ids)
-        offs = (b * C + cls[:, None]).to(tl.int64) * P + pix[None, :]
-        for s in tl.static_range(L):  # s is a compile-time constant: the branches fold away
-            gs_ = tl.sum(tl.where(stage_ids[:, None, None] == s, gx, 0.0), axis=0)
-            gp = _select(s, g0, g1, g2, g3, g4, g5)
-            tl.store(gp + offs, gs_.to(gp.dtype.element_ty), mask=mask)
+                                         + tl.sum(g * row[None, :], axis=1), mask=cmask)
+                                wcol = tl.load(cat_w_ptr + widx, mask=cmask, other=0.0)
+                                back = tl.sum(wcol[:, None] * g, axis=0)
+                                gx += tl.where((stage_ids[:, None, None] == sj) & (cls[None, :, None] == c2),
+                                               back[None, None, :], 0.0)
+                    else:
+                        voff = tl.load(awf_v_off_ptr + arg)
+                        coff = tl.load(awf_c_off_ptr + arg)
+                        dal = tl.zeros((K_PAD, BLOCK_P), dtype=tl.float32)
+                        for j in range(k):
+                            sj = tl.load(members_ptr + start + j)
+                            xs = _stage(xall, sj, stage_ids)
+                            aj = tl.sum(tl.where(kk[:, None] == j, alpha, 0.0), axis=0)
+                            gx = _add_stage(gx, sj, aj[None, :] * g, stage_ids)
+                            dal += tl.where(kk[:, None] == j, tl.sum(g * xs, axis=0)[None, :], 0.0)
+                        dotal = tl.sum(alpha * dal, axis=0)
+                        da = alpha * (dal - dotal[None, :])
+                        cidx = dp_base + awf_c_base + coff + kk
+                        tl.store(dp_ptr + cidx, tl.load(dp_ptr + cidx, mask=kk < k, other=0.0) + tl.sum(da, axis=1),
+                                 mask=kk < k)
+                        for j in range(k):
+                            sj = tl.load(members_ptr + start + j)
+                            xs = _stage(xall, sj, stage_ids)
+                            for r in range(k):
+                                if (block_diag == 0) | (r == j):
+                                    dar = tl.sum(tl.where(kk[:, None] == r, da, 0.0), axis=0)
+                                    vidx = dp_base + awf_v_base + voff + r * (k * C) + j * C + cls
+                                    tl.store(dp_ptr + vidx, tl.load(dp_ptr + vidx, mask=cmask, other=0.0)
+                                             + tl.sum(xs * dar[None, :], axis=1), mask=cmask)
+                                    v = tl.load(awf_v_ptr + voff + r * (k * C) + j * C + cls, mask=cmask, other=0.0)
+                                    gx = _add_stage(gx, sj, v[:, None] * dar[None, :], stage_ids)
+            for s in tl.static_range(L):  # s is a compile-time constant: the pointer choice folds away
+                _write_stage_grad(_stage(gx, s, stage_ids), s, _select(s, g0, g1, g2, g3, g4, g5), slot_ptr,
+                                  slot_off_ptr, b, B, C, cls, cmask, td, th, tw, od, oh, ow, pix, pmask, st_ptr,
+                                  ax_i0, ax_i1, ax_l1, D, H, W, IS3D, TD, TH, TW)
 
 
 def _next_pow2(n: int) -> int:
     return 1 << max(0, (int(n) - 1).bit_length())
 
 
+def _prod(values) -> int:
+    out = 1
+    for v in values:
+        out *= int(v)
+    return out
+
+
+# Tile candidates (TD, TH, TW, num_warps); the first is the default, and the only one the
+# interpreter runs. On CUDA the fastest is picked once per problem shape (see _choose).
+TILES_2D = ((1, 8, 8, 4), (1, 8, 16, 4), (1, 16, 16, 8))
+TILES_3D = ((4, 4, 4, 4), (2, 8, 8, 4), (4, 8, 8, 8))
+# Programs per sample (each loops over its share of tiles): bounds the partial buffers. The
+# interpreter runs programs one by one with a fixed cost each, so it gets two (still > 1, so the
+# strided tile loop and the cross-program reductions are exercised).
+MAX_GROUPS = 2 if INTERPRET else 512
+
+
+@lru_cache(maxsize=1024)
+def _axis_table(n_in: int, n_out: int):
+    """(i0, i1, l1) for every output coordinate along one axis, as F.interpolate(align_corners=False)
+    computes them in float32: src = max(scale·(o + 0.5) − 0.5, 0), i0 = ⌊src⌋, i1 = min(i0 + 1, n_in − 1)."""
+    if n_in == n_out:
+        i0 = torch.arange(n_out, dtype=torch.int32)
+        return i0, i0.clone(), torch.zeros(n_out)
+    scale = torch.tensor(n_in, dtype=torch.float32) / torch.tensor(n_out, dtype=torch.float32)
+    src = (scale * (torch.arange(n_out, dtype=torch.float32) + 0.5) - 0.5).clamp_min(0.0)
+    i0 = src.to(torch.int32)
+    l1 = (src - i0.float()).clamp(0.0, 1.0)
+    i1 = torch.where(i0 < n_in - 1, i0 + 1, i0)
+    return i0, i1, l1
+
+
+@lru_cache(maxsize=1024)
+def _overlap(n_in: int, n_out: int, tile: int) -> int:
+    """The most tiles of ``tile`` outputs whose footprints [i0(first), i1(last)] share one native cell.
+    Tiles whose indices differ by a multiple of this never touch the same cell (footprints are
+    intervals with non-decreasing ends), so slot = tile index mod overlap is race-free."""
+    i0, i1, _ = _axis_table(n_in, n_out)
+    lo = [int(i0[a]) for a in range(0, n_out, tile)]
+    hi = [int(i1[min(a + tile, n_out) - 1]) for a in range(0, n_out, tile)]
+    return max(sum(1 for a, b in zip(lo, hi) if a <= n <= b) for n in lo)
+
+
+class _Geometry:
+    """Kernel tables for L stages of sizes ``stage_sizes`` (each (D, H, W)) read at ``out_size``:
+
+    st: (L·8,) int32 — Ds, Hs, Ws, slot counts KD, KH, KW, same-size flag, 0;
+    ax_i0, ax_i1 (int32), ax_l1 (float32): the axis tables, stage-major, axes D, H, W;
+    slot_off: (L,) int64 offsets of each coarse stage's (KD·KH·KW, B, C, Ds·Hs·Ws) slot block;
+    slot_len: total slot elements (0 when every stage has the target's size).
+    """
+
+    def __init__(self, stage_sizes, out_size, tile, batch, classes, device):
+        st, i0s, i1s, l1s, self.slot_blocks = [], [], [], [], []
+        total = 0
+        for size in stage_sizes:
+            for n_in, n_out in zip(size, out_size):
+                i0, i1, l1 = _axis_table(n_in, n_out)
+                i0s.append(i0), i1s.append(i1), l1s.append(l1)
+            same = tuple(size) == tuple(out_size)
+            slots = [1, 1, 1] if same else [_overlap(a, b, t) for a, b, t in zip(size, out_size, tile)]
+            st += [*size, *slots, int(same), 0]
+            block = 0 if same else _prod(slots) * batch * classes * _prod(size)
+            self.slot_blocks.append((total, _prod(slots)) if not same else None)
+            total += block
+        self.st = torch.tensor(st, dtype=torch.int32, device=device)
+        self.ax_i0 = torch.cat(i0s).to(device)
+        self.ax_i1 = torch.cat(i1s).to(device)
+        self.ax_l1 = torch.cat(l1s).to(device)
+        self.slot_off = torch.tensor([b[0] if b else 0 for b in self.slot_blocks], dtype=torch.int64, device=device)
+        self.slot_len = total
+
+
+@lru_cache(maxsize=64)
+def _geometry(stage_sizes, out_size, tile, batch, classes, device) -> _Geometry:
+    return _Geometry(stage_sizes, out_size, tile, batch, classes, device)
+
+
+class _Problem:
+    """One call's tensors and sizes: stages as (B, C, P_s) views (+ unused pointer slots), target,
+    pixel weight, the target's grid as (D, H, W) and the stage sizes as (D, H, W) triples."""
+
+    def __init__(self, plan, logits, target, pixel_weight, params):
+        if len(logits) > MAX_STAGES:
+            raise ValueError(f"backend='triton' supports at most {MAX_STAGES} stages, got {len(logits)}")
+        self.plan, self.params = plan, params
+        self.logits = list(logits)
+        self.L = len(logits)
+        self.B, self.C = logits[0].shape[:2]
+        nsp = logits[0].dim() - 2
+        self.is3d = nsp == 3
+        self.out = (1,) * (3 - nsp) + tuple(target.shape[-nsp:])
+        self.sizes = tuple((1,) * (3 - nsp) + tuple(z.shape[2:]) for z in logits)
+        x = [z.reshape(self.B, self.C, -1) for z in logits]  # views, no copy
+        self.x = x + [x[0]] * (MAX_STAGES - self.L)
+        self.soft = target.is_floating_point()
+        self.t = target.reshape(self.B, self.C, -1) if self.soft else target.reshape(self.B, -1)
+        self.w = pixel_weight.reshape(self.B, -1) if pixel_weight is not None else self.t
+        self.bc = _next_pow2(self.C)
+        self.device = logits[0].device
+        self.tables = _plan_tables(plan, self.C, self.device)
+
+    def grid(self, cfg):
+        """Tiles per axis and the program groups per sample for a tile config."""
+        D, H, W = self.out
+        TD, TH, TW, _ = cfg
+        ntd, nth, ntw = triton.cdiv(D, TD), triton.cdiv(H, TH), triton.cdiv(W, TW)
+        nt = ntd * nth * ntw
+        groups = triton.cdiv(nt, triton.cdiv(nt, MAX_GROUPS))
+        return nth, ntw, nt, groups
+
+    def geometry(self, cfg) -> _Geometry:
+        return _geometry(self.sizes, self.out, tuple(cfg[:3]), self.B, self.C, self.device)
+
+    def common_args(self, cfg):
+        """Constexpr keyword arguments shared by both kernels."""
+        p = self.plan
+        TD, TH, TW, num_warps = cfg
+        return dict(L=self.L, L_PAD=_next_pow2(self.L), Q=p.q, SIGMOID=bool(p.sigmoid), SOFT=self.soft,
+                    HAS_W=self.w is not self.t, IS3D=self.is3d, BLOCK_C=self.bc, BLOCK_P=TD * TH * TW,
+                    TD=TD, TH=TH, TW=TW, K_PAD=self.tables["k_pad"], num_warps=num_warps)
+
+
+def _plan_tables(plan, C, device):
+    """The plan's int tables on ``device``: map op/arg, subset sizes/starts/members, packed parameter offsets."""
+    sizes = list(plan.subset_size)
+    starts = [sum(sizes[:j]) for j in range(len(sizes))]
+    offsets, _ = packed_layout(sizes, C)
+
+    def i32(x):
+        return torch.tensor(x if x else [0], dtype=torch.int32, device=device)
+
+    return dict(map_op=i32(plan.map_op), map_arg=i32(plan.map_arg), size=i32(sizes), start=i32(starts),
+                members=i32(plan.subset_members), cat_off=i32(offsets["cat_w"]), v_off=i32(offsets["awf_v"]),
+                c_off=i32(offsets["awf_c"]), k_pad=_next_pow2(max(sizes + [1])))
+
+
+_TUNED: dict = {}
+
+
+def _choose(kind: str, pb: _Problem, launch):
+    """The tile config for this problem: the default, or on CUDA (unless LOMIX_TRITON_AUTOTUNE=0) the
+    fastest candidate, timed once per (kind, shapes, plan) key like triton.autotune. Results are
+    deterministic for a given config; pinning the default makes them identical across processes."""
+    candidates = TILES_3D if pb.is3d else TILES_2D
+    if pb.device.type != "cuda" or os.environ.get("LOMIX_TRITON_AUTOTUNE", "1") == "0":
+        return candidates[0]
+    key = (kind, pb.sizes, pb.out, pb.B, pb.C, pb.plan, pb.soft, pb.w is not pb.t, pb.logits[0].dtype)
+    if key not in _TUNED:
+        times = [triton.testing.do_bench(lambda c=c: launch(c), warmup=3, rep=10) for c in candidates]
+        _TUNED[key] = candidates[times.index(min(times))]
+    return _TUNED[key]
+
+
 class TritonKernels:
     """Forward/backward for the shared custom-op wrapper (:mod:`lomix_kernels.fused`)."""
 
-    fuses_upsampling = False
-    BLOCK_P = 64
-
-    @staticmethod
-    def _tables(plan, C, device):
-        sizes = list(plan.subset_size)
-        starts = [sum(sizes[:j]) for j in range(len(sizes))]
-        offsets, _ = packed_layout(sizes, C)
-        cat_off, v_off, c_off = offsets["cat_w"], offsets["awf_v"], offsets["awf_c"]
-
-        def i32(x):
-            return torch.tensor(x if x else [0], dtype=torch.int32, device=device)
-
-        return dict(map_op=i32(plan.map_op), map_arg=i32(plan.map_arg), size=i32(sizes), start=i32(starts),
-                    members=i32(plan.subset_members), cat_off=i32(cat_off), v_off=i32(v_off), c_off=i32(c_off),
-                    k_pad=_next_pow2(max(sizes + [1])))
+    fuses_upsampling = True  # stages may be coarser than the target: interpolated inside the kernels
+    config = None  # a (TD, TH, TW, num_warps) tuple to force a tile config (tests); None: _choose
 
     @classmethod
-    def _common(cls, plan, logits, target, pixel_weight):
-        if len(logits) > MAX_STAGES:
-            raise ValueError(f"backend='triton' supports at most {MAX_STAGES} stages, got {len(logits)}")
-        x = [z.reshape(z.shape[0], z.shape[1], -1) for z in logits]  # views (B, C, P), no copy
-        x = x + [x[0]] * (MAX_STAGES - len(x))  # unused pointer slots
-        L, (B, C, P) = len(logits), x[0].shape
-        bc = _next_pow2(C)
-        nblk = triton.cdiv(P, cls.BLOCK_P)
-        soft = target.is_floating_point()
-        t = target.reshape(B, C, P) if soft else target.reshape(B, P)
-        w = pixel_weight.reshape(B, P) if pixel_weight is not None else t
-        return x, t, w, (L, B, C, P, bc, nblk, soft)
+    def _config(cls, kind, pb, launch):
+        return cls.config if cls.config is not None else _choose(kind, pb, launch)
 
     @classmethod
     def forward(cls, plan, logits, target, pixel_weight, params) -> MapStats:
-        x, t, w, (L, B, C, P, bc, nblk, soft) = cls._common(plan, logits, target, pixel_weight)
-        device = x[0].device
-        tb = cls._tables(plan, C, device)
-        M = plan.num_maps
-        out = torch.empty(M, B, nblk, 3, bc, dtype=torch.float32, device=device)
-        tout = torch.empty(B, nblk, 3, bc, dtype=torch.float32, device=device)
-        _forward_kernel[(B * nblk, M)](
-            *x, t, w, out, tout, tb["map_op"], tb["map_arg"], tb["size"], tb["start"], tb["members"],
-            params[0], params[1], tb["cat_off"], params[2], params[3], tb["v_off"], tb["c_off"],
-            B, C, P, nblk, plan.has_ignore, plan.ignore_index, plan.num_labels, plan.block_diagonal,
-            Q=plan.q, SIGMOID=bool(plan.sigmoid), SOFT=soft, HAS_W=pixel_weight is not None,
-            BLOCK_C=bc, BLOCK_P=cls.BLOCK_P, K_PAD=tb["k_pad"])
-        sums = out.sum(2)[..., :C]  # fixed-order reduction over pixel blocks
+        pb = _Problem(plan, logits, target, pixel_weight, params)
+        cfg = cls._config("forward", pb, lambda c: cls._forward(pb, c))
+        return cls._forward(pb, cfg)
+
+    @classmethod
+    def backward(cls, plan, logits, target, pixel_weight, params, gce, ginter, gzsum):
+        pb = _Problem(plan, logits, target, pixel_weight, params)
+        M, B, C, bc = plan.num_maps, pb.B, pb.C, pb.bc
+        g = torch.zeros(M, B, 3, bc, dtype=torch.float32, device=pb.device)
+        g[:, :, 0, :C], g[:, :, 1, :C], g[:, :, 2, :C] = gce, ginter, gzsum
+        cfg = cls._config("backward", pb, lambda c: cls._backward(pb, c, g))
+        return cls._backward(pb, cfg, g)
+
+    @staticmethod
+    def _forward(pb: _Problem, cfg) -> MapStats:
+        plan, tb, (cat_w, cat_b, awf_v, awf_c) = pb.plan, pb.tables, pb.params
+        nth, ntw, nt, groups = pb.grid(cfg)
+        geo = pb.geometry(cfg)
+        M, B, C, bc = plan.num_maps, pb.B, pb.C, pb.bc
+        out = torch.zeros(B, groups, M, 3, bc, dtype=torch.float32, device=pb.device)
+        tout = torch.empty(B, groups, 3, bc, dtype=torch.float32, device=pb.device)
+        _forward_kernel[(groups, B)](
+            *pb.x, geo.st, geo.ax_i0, geo.ax_i1, geo.ax_l1, pb.t, pb.w, out, tout, tb["map_op"], tb["map_arg"],
+            tb["size"], tb["start"], tb["members"], cat_w, cat_b, tb["cat_off"], awf_v, awf_c, tb["v_off"],
+            tb["c_off"], B, C, *pb.out, nth, ntw, nt, groups, M, plan.has_ignore, plan.ignore_index,
+            plan.num_labels, plan.block_diagonal, **pb.common_args(cfg))
+        sums = out.sum(1).transpose(0, 1)[..., :C]  # (M, B, 3, C): fixed-order reduction over program groups
         tsums = tout.sum(1)
         parts = (sums[:, :, 0], sums[:, :, 1], sums[:, :, 2], tsums[:, 0, :C], tsums[:, 1, :C], tsums[:, 2, 0])
         return MapStats(*(p.clone() for p in parts))  # custom ops may not return aliases of each other
 
-    @classmethod
-    def backward(cls, plan, logits, target, pixel_weight, params, gce, ginter, gzsum):
-        x, t, w, (L, B, C, P, bc, nblk, soft) = cls._common(plan, logits, target, pixel_weight)
-        device = x[0].device
-        tb = cls._tables(plan, C, device)
-        M = plan.num_maps
-        g = torch.zeros(M, B, 3, bc, dtype=torch.float32, device=device)
-        g[:, :, 0, :C], g[:, :, 1, :C], g[:, :, 2, :C] = gce, ginter, gzsum
-        grads = [torch.empty_like(z) for z in logits]
-        gflat = [gz.view(B, C, P) for gz in grads]
-        gflat = gflat + [gflat[0]] * (MAX_STAGES - L)
-        n_params = sum(p.numel() for p in params)
-        dp = torch.zeros(B * nblk, max(n_params, 1), dtype=torch.float32, device=device)
-        _backward_kernel[(B * nblk,)](
-            *x, t, w, g, *gflat, dp, tb["map_op"], tb["map_arg"], tb["size"], tb["start"], tb["members"],
-            params[0], params[1], tb["cat_off"], params[2], params[3], tb["v_off"], tb["c_off"],
-            B, C, P, M, nblk, max(n_params, 1), params[0].numel(), params[0].numel() + params[1].numel(),
-            params[0].numel() + params[1].numel() + params[2].numel(),
-            plan.has_ignore, plan.ignore_index, plan.num_labels, plan.block_diagonal,
-            L=L, L_PAD=_next_pow2(L), Q=plan.q, SIGMOID=bool(plan.sigmoid), SOFT=soft,
-            HAS_W=pixel_weight is not None, BLOCK_C=bc, BLOCK_P=cls.BLOCK_P, K_PAD=tb["k_pad"])
-        return grads, dp.sum(0)[:n_params]
+    @staticmethod
+    def _backward(pb: _Problem, cfg, g):
+        plan, tb, params = pb.plan, pb.tables, pb.params
+        nth, ntw, nt, groups = pb.grid(cfg)
+        geo = pb.geometry(cfg)
+        B, C = pb.B, pb.C
+        grads = [torch.empty_like(z) if blk is None else None for z, blk in zip(pb.logits, geo.slot_blocks)]
+        direct = [gr.view(B, C, -1) if gr is not None else pb.x[0] for gr in grads]  # unused slots: never written
+        direct = direct + [pb.x[0]] * (MAX_STAGES - pb.L)
+        slots = torch.zeros(max(geo.slot_len, 1), dtype=torch.float32, device=pb.device)
+        sizes = [p.numel() for p in params]
+        n_params = max(sum(sizes), 1)
+        dp = torch.zeros(B * groups, n_params, dtype=torch.float32, device=pb.device)
+        _backward_kernel[(groups, B)](
+            *pb.x, geo.st, geo.ax_i0, geo.ax_i1, geo.ax_l1, pb.t, pb.w, g, *direct, slots, geo.slot_off, dp,
+            tb["map_op"], tb["map_arg"], tb["size"], tb["start"], tb["members"], params[0], params[1],
+            tb["cat_off"], params[2], params[3], tb["v_off"], tb["c_off"], B, C, *pb.out, nth, ntw, nt, groups,
+            plan.num_maps, n_params, sizes[0], sizes[0] + sizes[1], sizes[0] + sizes[1] + sizes[2],
+            plan.has_ignore, plan.ignore_index, plan.num_labels, plan.block_diagonal, **pb.common_args(cfg))
+        for s, blk in enumerate(geo.slot_blocks):
+            if blk is not None:  # coarse stage: sum its slots (fixed order) into the native-size gradient
+                start, count = blk
+                z = pb.logits[s]
+                part = slots[start:start + count * z.numel()].view(count, z.numel())
+                grads[s] = part.sum(0).view(z.shape).to(z.dtype)
+        return grads, dp.sum(0)[:sum(sizes)]
 
 
 STATS_OP = register_ops("triton", TritonKernels)[0] if triton is not None else None
