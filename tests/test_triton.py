@@ -31,7 +31,7 @@ def check(crit, logits, target, pixel_weight=None):
 
 
 @pytest.mark.parametrize("L,C,B,sp", [(2, 2, 1, (5, 7)), (3, 5, 2, (6, 5)), (4, 3, 1, (8, 7)), (5, 2, 1, (8, 8)),
-                                      (3, 3, 2, (3, 4, 5)), (4, 2, 1, (8, 5, 6))])
+                                      (3, 3, 2, (3, 4, 5)), (4, 2, 1, (4, 5, 4))])
 @pytest.mark.parametrize("awf_param", ["official", "paper"])
 def test_shapes_all_ops(L, C, B, sp, awf_param):
     check(*random_case("triton", L, C, B, sp, native=True, awf_param=awf_param, seed=L))
@@ -82,3 +82,82 @@ def test_too_many_stages_says_so():
     logits = [z.to(DEVICE) for z in make_logits(7, 2, 1, (4, 4))]
     with pytest.raises(ValueError, match="at most 6 stages"):
         crit(logits, make_target(2, 1, (4, 4)).to(DEVICE))
+
+
+def native_case(target_sp, head_sps, C=3, B=2, seed=5, **opts):
+    crit = randomize_params(lk.LoMixLoss(len(head_sps), C, backend="triton", **opts))
+    g = torch.Generator().manual_seed(seed)
+    logits = [(torch.randn(B, C, *sp, generator=g) * 2).requires_grad_() for sp in head_sps]
+    return crit, logits, make_target(C, B, target_sp, ignore_index=opts.get("ignore_index"))
+
+
+@pytest.mark.parametrize("target_sp,head_sps", [
+    ((23, 19), [(5, 4), (12, 19), (23, 19)]),           # odd, non-integer ratios, 3 slots per axis
+    ((26, 10), [(2, 1), (13, 5), (26, 10)]),            # 1/13, 1/10 .. 1/2
+    ((6, 5, 7), [(2, 3, 3), (3, 5, 4), (6, 5, 7)]),     # 3D, odd, mixed axes
+])
+def test_native_resolution_heads(target_sp, head_sps):
+    """Upsampling fused into the kernels equals F.interpolate + loss; grads at native resolution."""
+    check(*native_case(target_sp, head_sps, ignore_index=7))
+
+
+@pytest.mark.parametrize("cfg", triton_backend.TILES_2D + triton_backend.TILES_3D if triton_backend.triton else [])
+def test_every_tile_config(cfg, monkeypatch):
+    """Each autotuning candidate computes the same loss and gradients (autotune can pick any)."""
+    monkeypatch.setattr(triton_backend.TritonKernels, "config", cfg)
+    if cfg[0] == 1:
+        case = native_case((17, 21), [(4, 5), (9, 10), (17, 21)], C=2, seed=len(cfg))
+    else:
+        case = native_case((9, 10, 11), [(2, 3, 3), (9, 10, 11)], C=2, B=1)
+    check(*case)
+
+
+def test_slots_are_needed(monkeypatch):
+    """With one slot per axis, overlapping tile footprints overwrite each other: the comparison
+    must fail (so the tests above would catch a wrong slot count)."""
+    monkeypatch.setattr(triton_backend, "_overlap", lambda n_in, n_out, tile: 1)
+    monkeypatch.setattr(triton_backend, "_geometry", triton_backend._Geometry)  # no cached tables
+    with pytest.raises(AssertionError, match="relative errors"):
+        check(*native_case((23, 19), [(5, 4), (23, 19)], C=2, B=1))
+
+
+def test_axis_tables_match_interpolate():
+    """The kernels' interpolation tables rebuild float32 F.interpolate (odd and non-integer ratios) up to
+    float32 rounding (a wrong index or weight would be off by O(1))."""
+    x = torch.randn(2, 3, 5, 7, 4)
+    out = (11, 9, 13)
+    tables = [triton_backend._axis_table(n, m) for n, m in zip(x.shape[2:], out)]
+    y = x.double()
+    for axis, (i0, i1, l1) in enumerate(tables):  # separable: one axis at a time
+        dim = 2 + axis
+        a, b = y.index_select(dim, i0.long()), y.index_select(dim, i1.long())
+        shape = [1] * y.dim()
+        shape[dim] = -1
+        l1 = l1.double().view(shape)
+        y = a * (1 - l1) + b * l1
+    ref = torch.nn.functional.interpolate(x, size=out, mode="trilinear", align_corners=False)
+    assert torch.allclose(y, ref.double(), rtol=0, atol=2e-6)
+
+
+def test_no_full_resolution_copy(monkeypatch):
+    """Native heads go to the kernels as they are: no interpolation in torch, forward or backward."""
+    def refuse(*args, **kwargs):
+        raise AssertionError("F.interpolate called")
+
+    crit, logits, target = to_device(*native_case((12, 10), [(3, 2), (6, 5), (12, 10)]))
+    monkeypatch.setattr(torch.nn.functional, "interpolate", refuse)
+    loss = crit(logits, target)
+    loss.backward()
+    assert all(z.grad is not None and z.grad.shape == z.shape for z in logits)
+
+
+@pytest.mark.parametrize("seed", [0, 11])
+def test_random_configurations(seed):
+    """Some of test_cpu's fixed-seed random configurations (shapes, heads, op subsets, options)."""
+    from test_cpu import _random_config
+
+    L, C, B, sp, heads, ops, opts, tdtype = _random_config(seed)
+    crit = randomize_params(lk.LoMixLoss(L, C, ops=ops, backend="triton", **opts), seed=seed)
+    g = torch.Generator().manual_seed(seed + 100)
+    logits = [(torch.randn(B, C, *h, generator=g) * 2).requires_grad_() for h in heads]
+    check(crit, logits, make_target(C, B, sp, seed=seed, ignore_index=opts["ignore_index"], dtype=tdtype))
