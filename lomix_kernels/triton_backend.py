@@ -4,25 +4,26 @@ With ``TRITON_INTERPRET=1`` (set before triton is imported) it also accepts CPU 
 the same kernels through Triton's interpreter: that is how CI and users without a GPU test it.
 
 Layout. The L stages arrive at their native resolution (any size up to the target's, 2D or 3D)
-as up to six (B, C, P_s) pointers, read in place; the target's grid is cut into tiles of
-TD × TH × TW pixels. A program takes a fixed set of tiles of one sample (so partial buffers do
-not grow with the image) and, per tile, interpolates every stage to the tile's pixels
-(bilinear / trilinear, align_corners=False, with the index and weight tables that
-F.interpolate uses), keeping them as one (L, C, pixels) register block.
+as up to six (B, C, P_s) pointers, read in place. The target's grid is cut into tiles of
+TD × TH × TW pixels (one register block) grouped in super-tiles of SD × SH × SW tiles; a program
+takes one super-tile of one sample (grid = super-tiles × samples) and walks its tiles in order.
+Per tile it interpolates every stage to the tile's pixels (bilinear / trilinear,
+align_corners=False, with the index and weight tables F.interpolate uses), keeping them as one
+(L, C, pixels) register block, and reads the target once.
 
-- Forward: grid = program groups × samples; per tile the program builds every map in registers
-  (classes padded to a power of two and masked) and adds its per-class sums to the program's own
-  partial row; partial rows are reduced by torch in a fixed order.
-- Backward: grid = program groups × samples; per tile the program loops over all maps,
-  accumulating the stage gradients in registers, and applies the interpolation's adjoint: a
-  stage at the target's size is written directly; a coarser stage's tile footprint (the native
-  cells the tile reads) is written to a *slot* buffer chosen by the tile's index modulo the
-  footprint overlap, so no two tiles ever write the same cell, and torch sums the few slots.
-  Parameter gradients are per-program partial rows summed in a fixed order.
+- Forward: per tile, every map is built in registers (classes padded to a power of two and
+  masked) and its per-class sums are added to the program's own partial row; torch reduces the
+  rows in a fixed order.
+- Backward: per tile, the program loops over all maps, accumulating the stage gradients in
+  registers, then applies the interpolation's adjoint: a stage at the target's size is written
+  in place; a coarser stage's tile footprint (the native cells the tile reads) is added into a
+  *slot* buffer chosen by the super-tile's index modulo the footprint overlap, so no two
+  programs ever touch the same cell, and torch sums the few slots. Parameter gradients are
+  per-program partial rows summed in a fixed order.
 
 Deterministic (no atomics), no host synchronization, int64 offsets. No full-resolution copy of a
-coarse stage or of its gradient exists; the slot buffers hold K_d·K_h·K_w native-size copies
-(K = 2 per axis when a tile spans at least two native cells per axis).
+coarse stage or of its gradient exists: a coarse stage's slots are K_d·K_h·K_w native-size
+buffers (K = 2 per axis when a super-tile spans at least two native cells per axis).
 """
 from __future__ import annotations
 
@@ -88,19 +89,27 @@ if triton is not None:
         return p
 
     @triton.jit
-    def _tile(t, nth, ntw, D, H, W, TD: tl.constexpr, TH: tl.constexpr, TW: tl.constexpr):
-        """Tile t's indices (td, th, tw) and, for its TD·TH·TW pixels (row-major), their coordinates
-        (od, oh, ow), their offset in the target's grid (int64) and the in-bounds mask."""
-        td = t // (nth * ntw)
-        th = (t // ntw) % nth
-        tw = t % ntw
+    def _super_tile(grp, nsh, nsw):
+        """Indices (qd, qh, qw) of program grp's super-tile (SD × SH × SW tiles)."""
+        return grp // (nsh * nsw), (grp // nsw) % nsh, grp % nsw
+
+    @triton.jit
+    def _tile(qd, qh, qw, i, D, H, W, TD: tl.constexpr, TH: tl.constexpr, TW: tl.constexpr, SD: tl.constexpr,
+              SH: tl.constexpr, SW: tl.constexpr):
+        """The i-th tile of super-tile (qd, qh, qw): its indices (td, th, tw), whether it meets the grid,
+        and for its TD·TH·TW pixels (row-major) their coordinates (od, oh, ow), their offset in the
+        target's grid (int64) and the in-bounds mask."""
+        td = qd * SD + i // (SH * SW)
+        th = qh * SH + (i // SW) % SH
+        tw = qw * SW + i % SW
+        live = (td * TD < D) & (th * TH < H) & (tw * TW < W)
         p = tl.arange(0, TD * TH * TW)
         od = td * TD + p // (TH * TW)
         oh = th * TH + (p // TW) % TH
         ow = tw * TW + p % TW
         pmask = (od < D) & (oh < H) & (ow < W)
         pix = (od.to(tl.int64) * H + oh) * W + ow
-        return td, th, tw, od, oh, ow, pix, pmask
+        return td, th, tw, live, od, oh, ow, pix, pmask
 
     @triton.jit
     def _axis(ax_i0, ax_i1, ax_l1, at, o, omask):
@@ -266,12 +275,13 @@ if triton is not None:
     @triton.jit
     def _forward_kernel(x0, x1, x2, x3, x4, x5, st_ptr, ax_i0, ax_i1, ax_l1, t_ptr, w_ptr, out_ptr, tout_ptr,
                         map_op_ptr, map_arg_ptr, sub_size_ptr, sub_start_ptr, members_ptr, cat_w_ptr, cat_b_ptr,
-                        cat_off_ptr, awf_v_ptr, awf_c_ptr, awf_v_off_ptr, awf_c_off_ptr, B, C, D, H, W, nth, ntw,
-                        nt, G, M, has_ignore, ignore_index, num_labels, block_diag, L: tl.constexpr,
+                        cat_off_ptr, awf_v_ptr, awf_c_ptr, awf_v_off_ptr, awf_c_off_ptr, B, C, D, H, W, nsh, nsw,
+                        G, M, has_ignore, ignore_index, num_labels, block_diag, L: tl.constexpr,
                         L_PAD: tl.constexpr, Q: tl.constexpr, SIGMOID: tl.constexpr, SOFT: tl.constexpr,
                         HAS_W: tl.constexpr, IS3D: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr,
-                        TD: tl.constexpr, TH: tl.constexpr, TW: tl.constexpr, K_PAD: tl.constexpr):
-        """Program (grp, b): tiles grp, grp + G, ... of sample b; per tile the stages and the target are
+                        TD: tl.constexpr, TH: tl.constexpr, TW: tl.constexpr, SD: tl.constexpr,
+                        SH: tl.constexpr, SW: tl.constexpr, K_PAD: tl.constexpr):
+        """Program (grp, b): the tiles of super-tile grp of sample b; per tile the stages and the target are
         read once and all M maps are built from registers. Accumulates into its own zeroed partial row
         out[b, grp, M, 3, BLOCK_C] = Σω·ce, Σω·s·t, Σω·s^q per map, and writes tout[b, grp, 3, BLOCK_C] =
         Σω·t, Σω·t^q, Σω (class 0)."""
@@ -285,52 +295,56 @@ if triton is not None:
         acc_t1 = tl.zeros((BLOCK_C,), dtype=tl.float32)
         acc_tq = tl.zeros((BLOCK_C,), dtype=tl.float32)
         acc_w = tl.zeros((BLOCK_C,), dtype=tl.float32)
-        for tile in range(grp, nt, G):
-            td, th, tw, od, oh, ow, pix, pmask = _tile(tile, nth, ntw, D, H, W, TD, TH, TW)
-            mask = cmask[:, None] & pmask[None, :]
-            t, w = _target_block(t_ptr, w_ptr, b, C, P, cls, pix, pmask, SOFT, HAS_W, has_ignore, ignore_index,
-                                 num_labels, BLOCK_C)
-            wb = w[None, :]
-            t1 = tl.where(mask, wb * t, 0.0)
-            acc_t1 += tl.sum(t1, axis=1)
-            if Q == 2:
-                acc_tq += tl.sum(tl.where(mask, wb * t * t, 0.0), axis=1)
-            else:
-                acc_tq += tl.sum(t1, axis=1)
-            acc_w += tl.where(cls == 0, tl.sum(w, axis=0), 0.0)
-            xall = _load_stages(x0, x1, x2, x3, x4, x5, b, C, cls, cmask, od, oh, ow, pix, pmask, st_ptr, ax_i0,
-                                ax_i1, ax_l1, D, H, W, L, L_PAD, IS3D, BLOCK_C, BLOCK_P)
-            for u in range(M):
-                op = tl.load(map_op_ptr + u)
-                arg = tl.load(map_arg_ptr + u)
-                z, alpha = _build_map(xall, stage_ids, C, cls, op, arg, sub_size_ptr, sub_start_ptr, members_ptr,
-                                      cat_w_ptr, cat_b_ptr, cat_off_ptr, awf_v_ptr, awf_c_ptr, awf_v_off_ptr,
-                                      awf_c_off_ptr, block_diag, BLOCK_C, BLOCK_P, K_PAD)
-                s, lse = _activate(z, cmask, SIGMOID)
-                if SIGMOID:
-                    ce = tl.maximum(z, 0.0) - z * t + tl.log(1.0 + tl.exp(-tl.abs(z)))
-                else:
-                    ce = t * (lse[None, :] - z)
+        qd, qh, qw = _super_tile(grp, nsh, nsw)
+        for i in range(SD * SH * SW):
+            td, th, tw, live, od, oh, ow, pix, pmask = _tile(qd, qh, qw, i, D, H, W, TD, TH, TW, SD, SH, SW)
+            if live:  # a tile past the grid's edge (in a ragged super-tile) does nothing
+                mask = cmask[:, None] & pmask[None, :]
+                t, w = _target_block(t_ptr, w_ptr, b, C, P, cls, pix, pmask, SOFT, HAS_W, has_ignore, ignore_index,
+                                     num_labels, BLOCK_C)
+                wb = w[None, :]
+                t1 = tl.where(mask, wb * t, 0.0)
+                acc_t1 += tl.sum(t1, axis=1)
                 if Q == 2:
-                    zs = s * s
+                    acc_tq += tl.sum(tl.where(mask, wb * t * t, 0.0), axis=1)
                 else:
-                    zs = s
-                at = row + u * 3 * BLOCK_C + cls
-                tl.store(at, tl.load(at) + tl.sum(tl.where(mask, wb * ce, 0.0), axis=1))
-                tl.store(at + BLOCK_C, tl.load(at + BLOCK_C) + tl.sum(tl.where(mask, wb * s * t, 0.0), axis=1))
-                tl.store(at + 2 * BLOCK_C, tl.load(at + 2 * BLOCK_C) + tl.sum(tl.where(mask, wb * zs, 0.0), axis=1))
+                    acc_tq += tl.sum(t1, axis=1)
+                acc_w += tl.where(cls == 0, tl.sum(w, axis=0), 0.0)
+                xall = _load_stages(x0, x1, x2, x3, x4, x5, b, C, cls, cmask, od, oh, ow, pix, pmask, st_ptr, ax_i0,
+                                    ax_i1, ax_l1, D, H, W, L, L_PAD, IS3D, BLOCK_C, BLOCK_P)
+                for u in range(M):
+                    op = tl.load(map_op_ptr + u)
+                    arg = tl.load(map_arg_ptr + u)
+                    z, alpha = _build_map(xall, stage_ids, C, cls, op, arg, sub_size_ptr, sub_start_ptr, members_ptr,
+                                          cat_w_ptr, cat_b_ptr, cat_off_ptr, awf_v_ptr, awf_c_ptr, awf_v_off_ptr,
+                                          awf_c_off_ptr, block_diag, BLOCK_C, BLOCK_P, K_PAD)
+                    s, lse = _activate(z, cmask, SIGMOID)
+                    if SIGMOID:
+                        ce = tl.maximum(z, 0.0) - z * t + tl.log(1.0 + tl.exp(-tl.abs(z)))
+                    else:
+                        ce = t * (lse[None, :] - z)
+                    if Q == 2:
+                        zs = s * s
+                    else:
+                        zs = s
+                    at = row + u * 3 * BLOCK_C + cls
+                    tl.store(at, tl.load(at) + tl.sum(tl.where(mask, wb * ce, 0.0), axis=1))
+                    tl.store(at + BLOCK_C, tl.load(at + BLOCK_C) + tl.sum(tl.where(mask, wb * s * t, 0.0), axis=1))
+                    tl.store(at + 2 * BLOCK_C, tl.load(at + 2 * BLOCK_C) + tl.sum(tl.where(mask, wb * zs, 0.0), axis=1))
+                    tl.debug_barrier()  # read-modify-write of the program's own row: order it across threads
         tb = (b * G + grp) * 3 * BLOCK_C
         tl.store(tout_ptr + tb + cls, acc_t1)
         tl.store(tout_ptr + tb + BLOCK_C + cls, acc_tq)
         tl.store(tout_ptr + tb + 2 * BLOCK_C + cls, acc_w)
 
     @triton.jit
-    def _write_stage_grad(gs, s, gp, slot_ptr, slot_off_ptr, b, B, C, cls, cmask, td, th, tw, od, oh, ow, pix,
-                          pmask, st_ptr, ax_i0, ax_i1, ax_l1, D, H, W, IS3D: tl.constexpr, TD: tl.constexpr,
+    def _write_stage_grad(gs, s, gp, slot_ptr, slot_off_ptr, b, B, C, cls, cmask, qd, qh, qw, td, th, tw, od, oh,
+                          ow, pix, pmask, st_ptr, ax_i0, ax_i1, ax_l1, D, H, W, IS3D: tl.constexpr, TD: tl.constexpr,
                           TH: tl.constexpr, TW: tl.constexpr):
         """Stage s's gradient gs (BLOCK_C, BLOCK_P) on one tile: stored in place when the stage has the
         target's size; else pushed through the interpolation's adjoint onto the tile's native footprint
-        (from its first pixel's i0 to its last pixel's i1 on each axis), written to the tile's slot."""
+        (from its first pixel's i0 to its last pixel's i1 on each axis) and added to the super-tile's slot
+        (the program's own cells: no other program of the same slot touches them)."""
         Ds = tl.load(st_ptr + 8 * s)
         Hs = tl.load(st_ptr + 8 * s + 1)
         Ws = tl.load(st_ptr + 8 * s + 2)
@@ -356,7 +370,7 @@ if triton is not None:
             else:
                 bd = 0
                 nd = 1
-            slot = ((td % KD) * KH + th % KH) * KW + tw % KW
+            slot = ((qd % KD) * KH + qh % KH) * KW + qw % KW
             base = tl.load(slot_off_ptr + s) + ((slot * B + b) * C + cls).to(tl.int64) * Ps
             live = tl.where(pmask, 1.0, 0.0)
             for fd in range(nd):
@@ -368,20 +382,21 @@ if triton is not None:
                     ah = ad * (tl.where(h0 == bh + fh, lh0, 0.0) + tl.where(h1 == bh + fh, lh1, 0.0))
                     for fw in range(nw):
                         a = ah * (tl.where(w0 == bw + fw, lw0, 0.0) + tl.where(w1 == bw + fw, lw1, 0.0))
-                        cell = ((bd + fd) * Hs + bh + fh) * Ws + bw + fw
-                        tl.store(slot_ptr + base + cell, tl.sum(gs * a[None, :], axis=1), mask=cmask)
+                        at = slot_ptr + base + ((bd + fd) * Hs + bh + fh) * Ws + bw + fw
+                        tl.store(at, tl.load(at, mask=cmask, other=0.0) + tl.sum(gs * a[None, :], axis=1), mask=cmask)
+                        tl.debug_barrier()
 
     @triton.jit
     def _backward_kernel(x0, x1, x2, x3, x4, x5, st_ptr, ax_i0, ax_i1, ax_l1, t_ptr, w_ptr, g_ptr, g0, g1, g2, g3,
                          g4, g5, slot_ptr, slot_off_ptr, dp_ptr, map_op_ptr, map_arg_ptr, sub_size_ptr,
                          sub_start_ptr, members_ptr, cat_w_ptr, cat_b_ptr, cat_off_ptr, awf_v_ptr, awf_c_ptr,
-                         awf_v_off_ptr, awf_c_off_ptr, B, C, D, H, W, nth, ntw, nt, G, M, n_params, cat_b_base,
+                         awf_v_off_ptr, awf_c_off_ptr, B, C, D, H, W, nsh, nsw, G, M, n_params, cat_b_base,
                          awf_v_base, awf_c_base, has_ignore, ignore_index, num_labels, block_diag,
                          L: tl.constexpr, L_PAD: tl.constexpr, Q: tl.constexpr, SIGMOID: tl.constexpr,
                          SOFT: tl.constexpr, HAS_W: tl.constexpr, IS3D: tl.constexpr, BLOCK_C: tl.constexpr,
                          BLOCK_P: tl.constexpr, TD: tl.constexpr, TH: tl.constexpr, TW: tl.constexpr,
-                         K_PAD: tl.constexpr):
-        """Program (grp, b): tiles grp, grp + G, ... of sample b. Per tile, loops over the M maps with the
+                         SD: tl.constexpr, SH: tl.constexpr, SW: tl.constexpr, K_PAD: tl.constexpr):
+        """Program (grp, b): the tiles of super-tile grp of sample b. Per tile, loops over the M maps with the
         statistic gradients g[u, b, 3, BLOCK_C] (gce, ginter, gzsum), accumulates dL/d(stage) in registers
         and writes it once per stage (_write_stage_grad); parameter gradients go to the program's own
         partial row dp[b·G + grp, n_params]."""
@@ -393,100 +408,103 @@ if triton is not None:
         stage_ids = tl.arange(0, L_PAD)
         P = D * H * W
         dp_base = (b * G + grp).to(tl.int64) * n_params
-        for tile in range(grp, nt, G):
-            td, th, tw, od, oh, ow, pix, pmask = _tile(tile, nth, ntw, D, H, W, TD, TH, TW)
-            mask = cmask[:, None] & pmask[None, :]
-            t, w = _target_block(t_ptr, w_ptr, b, C, P, cls, pix, pmask, SOFT, HAS_W, has_ignore, ignore_index,
-                                 num_labels, BLOCK_C)
-            xall = _load_stages(x0, x1, x2, x3, x4, x5, b, C, cls, cmask, od, oh, ow, pix, pmask, st_ptr, ax_i0,
-                                ax_i1, ax_l1, D, H, W, L, L_PAD, IS3D, BLOCK_C, BLOCK_P)
-            gx = tl.zeros((L_PAD, BLOCK_C, BLOCK_P), dtype=tl.float32)
-            for u in range(M):
-                op = tl.load(map_op_ptr + u)
-                arg = tl.load(map_arg_ptr + u)
-                z, alpha = _build_map(xall, stage_ids, C, cls, op, arg, sub_size_ptr, sub_start_ptr, members_ptr,
-                                      cat_w_ptr, cat_b_ptr, cat_off_ptr, awf_v_ptr, awf_c_ptr, awf_v_off_ptr,
-                                      awf_c_off_ptr, block_diag, BLOCK_C, BLOCK_P, K_PAD)
-                s, lse = _activate(z, cmask, SIGMOID)
-                go = ((u * B + b) * 3) * BLOCK_C
-                gce = tl.load(g_ptr + go + cls)[:, None]
-                gi = tl.load(g_ptr + go + BLOCK_C + cls)[:, None]
-                gz = tl.load(g_ptr + go + 2 * BLOCK_C + cls)[:, None]
-                wb = w[None, :]
-                if Q == 2:
-                    gs = gi * t + 2.0 * gz * s
-                else:
-                    gs = gi * t + gz
-                if SIGMOID:
-                    g = wb * (gs * s * (1.0 - s) + gce * (s - t))
-                else:
-                    dot = tl.sum(tl.where(mask, gs * s, 0.0), axis=0)
-                    a = tl.sum(tl.where(mask, gce * t, 0.0), axis=0)
-                    g = wb * (s * (gs - dot[None, :] + a[None, :]) - gce * t)
-                g = tl.where(mask, g, 0.0)  # dL/dz_u (BLOCK_C, BLOCK_P)
-                if op == 0:
-                    gx = _add_stage(gx, arg, g, stage_ids)
-                else:
-                    k = tl.load(sub_size_ptr + arg)
-                    start = tl.load(sub_start_ptr + arg)
-                    if op == 1:
-                        for j in range(k):
-                            gx = _add_stage(gx, tl.load(members_ptr + start + j), g, stage_ids)
-                    elif op == 2:
-                        for j in range(k):
-                            prod = g
-                            for i in range(k):
-                                if i != j:
-                                    prod = prod * _stage(xall, tl.load(members_ptr + start + i), stage_ids)
-                            gx = _add_stage(gx, tl.load(members_ptr + start + j), prod, stage_ids)
-                    elif op == 3:
-                        woff = tl.load(cat_off_ptr + arg)
-                        bidx = dp_base + cat_b_base + arg * C + cls
-                        tl.store(dp_ptr + bidx, tl.load(dp_ptr + bidx, mask=cmask, other=0.0) + tl.sum(g, axis=1),
-                                 mask=cmask)
-                        for j in range(k):
-                            sj = tl.load(members_ptr + start + j)
-                            xs = _stage(xall, sj, stage_ids)
-                            for c2 in range(C):
-                                row = tl.sum(tl.where(cls[:, None] == c2, xs, 0.0), axis=0)
-                                widx = woff + cls * (k * C) + j * C + c2
-                                tl.store(dp_ptr + dp_base + widx, tl.load(dp_ptr + dp_base + widx, mask=cmask,
-                                                                          other=0.0)
-                                         + tl.sum(g * row[None, :], axis=1), mask=cmask)
-                                wcol = tl.load(cat_w_ptr + widx, mask=cmask, other=0.0)
-                                back = tl.sum(wcol[:, None] * g, axis=0)
-                                gx += tl.where((stage_ids[:, None, None] == sj) & (cls[None, :, None] == c2),
-                                               back[None, None, :], 0.0)
+        qd, qh, qw = _super_tile(grp, nsh, nsw)
+        for i in range(SD * SH * SW):
+            td, th, tw, live, od, oh, ow, pix, pmask = _tile(qd, qh, qw, i, D, H, W, TD, TH, TW, SD, SH, SW)
+            if live:  # a tile past the grid's edge (in a ragged super-tile) does nothing
+                mask = cmask[:, None] & pmask[None, :]
+                t, w = _target_block(t_ptr, w_ptr, b, C, P, cls, pix, pmask, SOFT, HAS_W, has_ignore, ignore_index,
+                                     num_labels, BLOCK_C)
+                xall = _load_stages(x0, x1, x2, x3, x4, x5, b, C, cls, cmask, od, oh, ow, pix, pmask, st_ptr, ax_i0,
+                                    ax_i1, ax_l1, D, H, W, L, L_PAD, IS3D, BLOCK_C, BLOCK_P)
+                gx = tl.zeros((L_PAD, BLOCK_C, BLOCK_P), dtype=tl.float32)
+                for u in range(M):
+                    op = tl.load(map_op_ptr + u)
+                    arg = tl.load(map_arg_ptr + u)
+                    z, alpha = _build_map(xall, stage_ids, C, cls, op, arg, sub_size_ptr, sub_start_ptr, members_ptr,
+                                          cat_w_ptr, cat_b_ptr, cat_off_ptr, awf_v_ptr, awf_c_ptr, awf_v_off_ptr,
+                                          awf_c_off_ptr, block_diag, BLOCK_C, BLOCK_P, K_PAD)
+                    s, lse = _activate(z, cmask, SIGMOID)
+                    go = ((u * B + b) * 3) * BLOCK_C
+                    gce = tl.load(g_ptr + go + cls)[:, None]
+                    gi = tl.load(g_ptr + go + BLOCK_C + cls)[:, None]
+                    gz = tl.load(g_ptr + go + 2 * BLOCK_C + cls)[:, None]
+                    wb = w[None, :]
+                    if Q == 2:
+                        gs = gi * t + 2.0 * gz * s
                     else:
-                        voff = tl.load(awf_v_off_ptr + arg)
-                        coff = tl.load(awf_c_off_ptr + arg)
-                        dal = tl.zeros((K_PAD, BLOCK_P), dtype=tl.float32)
-                        for j in range(k):
-                            sj = tl.load(members_ptr + start + j)
-                            xs = _stage(xall, sj, stage_ids)
-                            aj = tl.sum(tl.where(kk[:, None] == j, alpha, 0.0), axis=0)
-                            gx = _add_stage(gx, sj, aj[None, :] * g, stage_ids)
-                            dal += tl.where(kk[:, None] == j, tl.sum(g * xs, axis=0)[None, :], 0.0)
-                        dotal = tl.sum(alpha * dal, axis=0)
-                        da = alpha * (dal - dotal[None, :])
-                        cidx = dp_base + awf_c_base + coff + kk
-                        tl.store(dp_ptr + cidx, tl.load(dp_ptr + cidx, mask=kk < k, other=0.0) + tl.sum(da, axis=1),
-                                 mask=kk < k)
-                        for j in range(k):
-                            sj = tl.load(members_ptr + start + j)
-                            xs = _stage(xall, sj, stage_ids)
-                            for r in range(k):
-                                if (block_diag == 0) | (r == j):
-                                    dar = tl.sum(tl.where(kk[:, None] == r, da, 0.0), axis=0)
-                                    vidx = dp_base + awf_v_base + voff + r * (k * C) + j * C + cls
-                                    tl.store(dp_ptr + vidx, tl.load(dp_ptr + vidx, mask=cmask, other=0.0)
-                                             + tl.sum(xs * dar[None, :], axis=1), mask=cmask)
-                                    v = tl.load(awf_v_ptr + voff + r * (k * C) + j * C + cls, mask=cmask, other=0.0)
-                                    gx = _add_stage(gx, sj, v[:, None] * dar[None, :], stage_ids)
-            for s in tl.static_range(L):  # s is a compile-time constant: the pointer choice folds away
-                _write_stage_grad(_stage(gx, s, stage_ids), s, _select(s, g0, g1, g2, g3, g4, g5), slot_ptr,
-                                  slot_off_ptr, b, B, C, cls, cmask, td, th, tw, od, oh, ow, pix, pmask, st_ptr,
-                                  ax_i0, ax_i1, ax_l1, D, H, W, IS3D, TD, TH, TW)
+                        gs = gi * t + gz
+                    if SIGMOID:
+                        g = wb * (gs * s * (1.0 - s) + gce * (s - t))
+                    else:
+                        dot = tl.sum(tl.where(mask, gs * s, 0.0), axis=0)
+                        a = tl.sum(tl.where(mask, gce * t, 0.0), axis=0)
+                        g = wb * (s * (gs - dot[None, :] + a[None, :]) - gce * t)
+                    g = tl.where(mask, g, 0.0)  # dL/dz_u (BLOCK_C, BLOCK_P)
+                    if op == 0:
+                        gx = _add_stage(gx, arg, g, stage_ids)
+                    else:
+                        k = tl.load(sub_size_ptr + arg)
+                        start = tl.load(sub_start_ptr + arg)
+                        if op == 1:
+                            for j in range(k):
+                                gx = _add_stage(gx, tl.load(members_ptr + start + j), g, stage_ids)
+                        elif op == 2:
+                            for j in range(k):
+                                prod = g
+                                for i in range(k):
+                                    if i != j:
+                                        prod = prod * _stage(xall, tl.load(members_ptr + start + i), stage_ids)
+                                gx = _add_stage(gx, tl.load(members_ptr + start + j), prod, stage_ids)
+                        elif op == 3:
+                            woff = tl.load(cat_off_ptr + arg)
+                            bidx = dp_base + cat_b_base + arg * C + cls
+                            tl.store(dp_ptr + bidx, tl.load(dp_ptr + bidx, mask=cmask, other=0.0) + tl.sum(g, axis=1),
+                                     mask=cmask)
+                            for j in range(k):
+                                sj = tl.load(members_ptr + start + j)
+                                xs = _stage(xall, sj, stage_ids)
+                                for c2 in range(C):
+                                    row = tl.sum(tl.where(cls[:, None] == c2, xs, 0.0), axis=0)
+                                    widx = woff + cls * (k * C) + j * C + c2
+                                    tl.store(dp_ptr + dp_base + widx, tl.load(dp_ptr + dp_base + widx, mask=cmask,
+                                                                              other=0.0)
+                                             + tl.sum(g * row[None, :], axis=1), mask=cmask)
+                                    wcol = tl.load(cat_w_ptr + widx, mask=cmask, other=0.0)
+                                    back = tl.sum(wcol[:, None] * g, axis=0)
+                                    gx += tl.where((stage_ids[:, None, None] == sj) & (cls[None, :, None] == c2),
+                                                   back[None, None, :], 0.0)
+                        else:
+                            voff = tl.load(awf_v_off_ptr + arg)
+                            coff = tl.load(awf_c_off_ptr + arg)
+                            dal = tl.zeros((K_PAD, BLOCK_P), dtype=tl.float32)
+                            for j in range(k):
+                                sj = tl.load(members_ptr + start + j)
+                                xs = _stage(xall, sj, stage_ids)
+                                aj = tl.sum(tl.where(kk[:, None] == j, alpha, 0.0), axis=0)
+                                gx = _add_stage(gx, sj, aj[None, :] * g, stage_ids)
+                                dal += tl.where(kk[:, None] == j, tl.sum(g * xs, axis=0)[None, :], 0.0)
+                            dotal = tl.sum(alpha * dal, axis=0)
+                            da = alpha * (dal - dotal[None, :])
+                            cidx = dp_base + awf_c_base + coff + kk
+                            tl.store(dp_ptr + cidx, tl.load(dp_ptr + cidx, mask=kk < k, other=0.0) + tl.sum(da, axis=1),
+                                     mask=kk < k)
+                            for j in range(k):
+                                sj = tl.load(members_ptr + start + j)
+                                xs = _stage(xall, sj, stage_ids)
+                                for r in range(k):
+                                    if (block_diag == 0) | (r == j):
+                                        dar = tl.sum(tl.where(kk[:, None] == r, da, 0.0), axis=0)
+                                        vidx = dp_base + awf_v_base + voff + r * (k * C) + j * C + cls
+                                        tl.store(dp_ptr + vidx, tl.load(dp_ptr + vidx, mask=cmask, other=0.0)
+                                                 + tl.sum(xs * dar[None, :], axis=1), mask=cmask)
+                                        v = tl.load(awf_v_ptr + voff + r * (k * C) + j * C + cls, mask=cmask, other=0.0)
+                                        gx = _add_stage(gx, sj, v[:, None] * dar[None, :], stage_ids)
+                    tl.debug_barrier()  # read-modify-write of the program's own dp row: order it across threads
+                for s in tl.static_range(L):  # s is a compile-time constant: the pointer choice folds away
+                    _write_stage_grad(_stage(gx, s, stage_ids), s, _select(s, g0, g1, g2, g3, g4, g5), slot_ptr,
+                                      slot_off_ptr, b, B, C, cls, cmask, qd, qh, qw, td, th, tw, od, oh, ow, pix,
+                                      pmask, st_ptr, ax_i0, ax_i1, ax_l1, D, H, W, IS3D, TD, TH, TW)
 
 
 def _next_pow2(n: int) -> int:
@@ -500,14 +518,15 @@ def _prod(values) -> int:
     return out
 
 
-# Tile candidates (TD, TH, TW, num_warps); the first is the default, and the only one the
-# interpreter runs. On CUDA the fastest is picked once per problem shape (see _choose).
-TILES_2D = ((1, 8, 8, 4), (1, 8, 16, 4), (1, 16, 16, 8))
-TILES_3D = ((4, 4, 4, 4), (2, 8, 8, 4), (4, 8, 8, 8))
-# Programs per sample (each loops over its share of tiles): bounds the partial buffers. The
-# interpreter runs programs one by one with a fixed cost each, so it gets two (still > 1, so the
-# strided tile loop and the cross-program reductions are exercised).
-MAX_GROUPS = 2 if INTERPRET else 512
+# Configs (TD, TH, TW, SD, SH, SW, num_warps): tiles of TD·TH·TW pixels (one register block), a
+# program takes a super-tile of SD × SH × SW tiles. Bigger super-tiles mean fewer programs but
+# fewer slots per coarse stage (a super-tile spanning >= 2 native cells per axis needs 2 slots
+# per axis). The first is the default and the interpreter's; on CUDA the fastest is picked once
+# per problem shape (see _choose).
+CONFIGS_2D = ((1, 8, 8, 1, 4, 4, 4), (1, 8, 16, 1, 4, 2, 4), (1, 16, 16, 1, 2, 2, 8))
+CONFIGS_3D = ((4, 4, 4, 4, 4, 4, 4), (2, 8, 8, 8, 2, 2, 4), (4, 8, 8, 4, 2, 2, 8))
+if INTERPRET:  # small super-tiles, so that the small test problems span several programs and slots
+    CONFIGS_2D, CONFIGS_3D = ((1, 8, 8, 1, 2, 2, 4),) + CONFIGS_2D, ((2, 4, 4, 2, 1, 2, 4),) + CONFIGS_3D
 
 
 @lru_cache(maxsize=1024)
@@ -526,13 +545,13 @@ def _axis_table(n_in: int, n_out: int):
 
 
 @lru_cache(maxsize=1024)
-def _overlap(n_in: int, n_out: int, tile: int) -> int:
-    """The most tiles of ``tile`` outputs whose footprints [i0(first), i1(last)] share one native cell.
-    Tiles whose indices differ by a multiple of this never touch the same cell (footprints are
-    intervals with non-decreasing ends), so slot = tile index mod overlap is race-free."""
+def _overlap(n_in: int, n_out: int, extent: int) -> int:
+    """The most super-tiles of ``extent`` outputs whose footprints [i0(first), i1(last)] share one
+    native cell. Super-tiles whose indices differ by a multiple of this never touch the same cell
+    (footprints are intervals with non-decreasing ends), so slot = index mod overlap is race-free."""
     i0, i1, _ = _axis_table(n_in, n_out)
-    lo = [int(i0[a]) for a in range(0, n_out, tile)]
-    hi = [int(i1[min(a + tile, n_out) - 1]) for a in range(0, n_out, tile)]
+    lo = [int(i0[a]) for a in range(0, n_out, extent)]
+    hi = [int(i1[min(a + extent, n_out) - 1]) for a in range(0, n_out, extent)]
     return max(sum(1 for a, b in zip(lo, hi) if a <= n <= b) for n in lo)
 
 
@@ -545,7 +564,7 @@ class _Geometry:
     slot_len: total slot elements (0 when every stage has the target's size).
     """
 
-    def __init__(self, stage_sizes, out_size, tile, batch, classes, device):
+    def __init__(self, stage_sizes, out_size, extent, batch, classes, device):
         st, i0s, i1s, l1s, self.slot_blocks = [], [], [], [], []
         total = 0
         for size in stage_sizes:
@@ -553,7 +572,7 @@ class _Geometry:
                 i0, i1, l1 = _axis_table(n_in, n_out)
                 i0s.append(i0), i1s.append(i1), l1s.append(l1)
             same = tuple(size) == tuple(out_size)
-            slots = [1, 1, 1] if same else [_overlap(a, b, t) for a, b, t in zip(size, out_size, tile)]
+            slots = [1, 1, 1] if same else [_overlap(a, b, e) for a, b, e in zip(size, out_size, extent)]
             st += [*size, *slots, int(same), 0]
             block = 0 if same else _prod(slots) * batch * classes * _prod(size)
             self.slot_blocks.append((total, _prod(slots)) if not same else None)
@@ -567,8 +586,8 @@ class _Geometry:
 
 
 @lru_cache(maxsize=64)
-def _geometry(stage_sizes, out_size, tile, batch, classes, device) -> _Geometry:
-    return _Geometry(stage_sizes, out_size, tile, batch, classes, device)
+def _geometry(stage_sizes, out_size, extent, batch, classes, device) -> _Geometry:
+    return _Geometry(stage_sizes, out_size, extent, batch, classes, device)
 
 
 class _Problem:
@@ -595,25 +614,26 @@ class _Problem:
         self.device = logits[0].device
         self.tables = _plan_tables(plan, self.C, self.device)
 
+    @staticmethod
+    def super_extent(cfg):
+        """A super-tile's size in pixels per axis (D, H, W)."""
+        return tuple(t * n for t, n in zip(cfg[:3], cfg[3:6]))
+
     def grid(self, cfg):
-        """Tiles per axis and the program groups per sample for a tile config."""
-        D, H, W = self.out
-        TD, TH, TW, _ = cfg
-        ntd, nth, ntw = triton.cdiv(D, TD), triton.cdiv(H, TH), triton.cdiv(W, TW)
-        nt = ntd * nth * ntw
-        groups = triton.cdiv(nt, triton.cdiv(nt, MAX_GROUPS))
-        return nth, ntw, nt, groups
+        """Super-tiles along H and W, and super-tiles (programs) per sample."""
+        nsd, nsh, nsw = (triton.cdiv(n, e) for n, e in zip(self.out, self.super_extent(cfg)))
+        return nsh, nsw, nsd * nsh * nsw
 
     def geometry(self, cfg) -> _Geometry:
-        return _geometry(self.sizes, self.out, tuple(cfg[:3]), self.B, self.C, self.device)
+        return _geometry(self.sizes, self.out, self.super_extent(cfg), self.B, self.C, self.device)
 
     def common_args(self, cfg):
         """Constexpr keyword arguments shared by both kernels."""
         p = self.plan
-        TD, TH, TW, num_warps = cfg
+        TD, TH, TW, SD, SH, SW, num_warps = cfg
         return dict(L=self.L, L_PAD=_next_pow2(self.L), Q=p.q, SIGMOID=bool(p.sigmoid), SOFT=self.soft,
                     HAS_W=self.w is not self.t, IS3D=self.is3d, BLOCK_C=self.bc, BLOCK_P=TD * TH * TW,
-                    TD=TD, TH=TH, TW=TW, K_PAD=self.tables["k_pad"], num_warps=num_warps)
+                    TD=TD, TH=TH, TW=TW, SD=SD, SH=SH, SW=SW, K_PAD=self.tables["k_pad"], num_warps=num_warps)
 
 
 def _plan_tables(plan, C, device):
@@ -637,7 +657,7 @@ def _choose(kind: str, pb: _Problem, launch):
     """The tile config for this problem: the default, or on CUDA (unless LOMIX_TRITON_AUTOTUNE=0) the
     fastest candidate, timed once per (kind, shapes, plan) key like triton.autotune. Results are
     deterministic for a given config; pinning the default makes them identical across processes."""
-    candidates = TILES_3D if pb.is3d else TILES_2D
+    candidates = CONFIGS_3D if pb.is3d else CONFIGS_2D
     if pb.device.type != "cuda" or os.environ.get("LOMIX_TRITON_AUTOTUNE", "1") == "0":
         return candidates[0]
     key = (kind, pb.sizes, pb.out, pb.B, pb.C, pb.plan, pb.soft, pb.w is not pb.t, pb.logits[0].dtype)
@@ -651,7 +671,7 @@ class TritonKernels:
     """Forward/backward for the shared custom-op wrapper (:mod:`lomix_kernels.fused`)."""
 
     fuses_upsampling = True  # stages may be coarser than the target: interpolated inside the kernels
-    config = None  # a (TD, TH, TW, num_warps) tuple to force a tile config (tests); None: _choose
+    config = None  # a CONFIGS_2D/3D-style tuple forcing the config (tests); None: _choose
 
     @classmethod
     def _config(cls, kind, pb, launch):
@@ -675,7 +695,7 @@ class TritonKernels:
     @staticmethod
     def _forward(pb: _Problem, cfg) -> MapStats:
         plan, tb, (cat_w, cat_b, awf_v, awf_c) = pb.plan, pb.tables, pb.params
-        nth, ntw, nt, groups = pb.grid(cfg)
+        nsh, nsw, groups = pb.grid(cfg)
         geo = pb.geometry(cfg)
         M, B, C, bc = plan.num_maps, pb.B, pb.C, pb.bc
         out = torch.zeros(B, groups, M, 3, bc, dtype=torch.float32, device=pb.device)
@@ -683,7 +703,7 @@ class TritonKernels:
         _forward_kernel[(groups, B)](
             *pb.x, geo.st, geo.ax_i0, geo.ax_i1, geo.ax_l1, pb.t, pb.w, out, tout, tb["map_op"], tb["map_arg"],
             tb["size"], tb["start"], tb["members"], cat_w, cat_b, tb["cat_off"], awf_v, awf_c, tb["v_off"],
-            tb["c_off"], B, C, *pb.out, nth, ntw, nt, groups, M, plan.has_ignore, plan.ignore_index,
+            tb["c_off"], B, C, *pb.out, nsh, nsw, groups, M, plan.has_ignore, plan.ignore_index,
             plan.num_labels, plan.block_diagonal, **pb.common_args(cfg))
         sums = out.sum(1).transpose(0, 1)[..., :C]  # (M, B, 3, C): fixed-order reduction over program groups
         tsums = tout.sum(1)
@@ -693,7 +713,7 @@ class TritonKernels:
     @staticmethod
     def _backward(pb: _Problem, cfg, g):
         plan, tb, params = pb.plan, pb.tables, pb.params
-        nth, ntw, nt, groups = pb.grid(cfg)
+        nsh, nsw, groups = pb.grid(cfg)
         geo = pb.geometry(cfg)
         B, C = pb.B, pb.C
         grads = [torch.empty_like(z) if blk is None else None for z, blk in zip(pb.logits, geo.slot_blocks)]
@@ -706,7 +726,7 @@ class TritonKernels:
         _backward_kernel[(groups, B)](
             *pb.x, geo.st, geo.ax_i0, geo.ax_i1, geo.ax_l1, pb.t, pb.w, g, *direct, slots, geo.slot_off, dp,
             tb["map_op"], tb["map_arg"], tb["size"], tb["start"], tb["members"], params[0], params[1],
-            tb["cat_off"], params[2], params[3], tb["v_off"], tb["c_off"], B, C, *pb.out, nth, ntw, nt, groups,
+            tb["cat_off"], params[2], params[3], tb["v_off"], tb["c_off"], B, C, *pb.out, nsh, nsw, groups,
             plan.num_maps, n_params, sizes[0], sizes[0] + sizes[1], sizes[0] + sizes[1] + sizes[2],
             plan.has_ignore, plan.ignore_index, plan.num_labels, plan.block_diagonal, **pb.common_args(cfg))
         for s, blk in enumerate(geo.slot_blocks):
