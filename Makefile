@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.lomix-installed
 
-.PHONY: setup test bench bench-full demo clean
+.PHONY: setup test test-gpu bench bench-full bench-gpu demo clean
 
 $(STAMP): requirements.txt pyproject.toml setup.py csrc/lomix_cpu.cpp
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -19,6 +19,12 @@ test: setup  ## the test suite (what .ci/run calls)
 
 bench: setup  ## the main job: speed and memory table against the reference on the SPEC §8 configs
 	$(BIN)/python benchmarks/run.py
+
+test-gpu: setup  ## the Triton tests on a CUDA device instead of the interpreter
+	LOMIX_TRITON_ON_GPU=1 $(BIN)/python -m pytest tests/test_triton.py
+
+bench-gpu: setup  ## triton vs eager / compiled reference on CUDA (time, peak CUDA memory, memory floor)
+	$(BIN)/python benchmarks/gpu.py
 
 bench-full: setup  ## also the L and pixel scaling sweeps
 	$(BIN)/python benchmarks/run.py --sweep --configs synapse2d --impls cpu --name sweep

@@ -636,8 +636,9 @@ class _Problem:
                     TD=TD, TH=TH, TW=TW, SD=SD, SH=SH, SW=SW, K_PAD=self.tables["k_pad"], num_warps=num_warps)
 
 
+@lru_cache(maxsize=64)
 def _plan_tables(plan, C, device):
-    """The plan's int tables on ``device``: map op/arg, subset sizes/starts/members, packed parameter offsets."""
+    """The plan's int tables on ``device`` (cached: no host-to-device copy per call): map op/arg, subset sizes/starts/members, packed parameter offsets."""
     sizes = list(plan.subset_size)
     starts = [sum(sizes[:j]) for j in range(len(sizes))]
     offsets, _ = packed_layout(sizes, C)

@@ -174,3 +174,9 @@ def test_random_configurations(seed):
     g = torch.Generator().manual_seed(seed + 100)
     logits = [(torch.randn(B, C, *h, generator=g) * 2).requires_grad_() for h in heads]
     check(crit, logits, make_target(C, B, sp, seed=seed, ignore_index=opts["ignore_index"], dtype=tdtype))
+
+
+@pytest.mark.parametrize("target_dtype", [torch.uint8, torch.int16, torch.int32, torch.int64])
+def test_target_dtypes(target_dtype):
+    """Integer targets are read in their own dtype (no upcast copy), ignore_index included."""
+    check(*random_case("triton", 2, 3, 2, (9, 7), native=True, target_dtype=target_dtype, ignore_index=200))
