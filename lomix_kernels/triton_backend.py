@@ -382,8 +382,9 @@ if triton is not None:
                     ah = ad * (tl.where(h0 == bh + fh, lh0, 0.0) + tl.where(h1 == bh + fh, lh1, 0.0))
                     for fw in range(nw):
                         a = ah * (tl.where(w0 == bw + fw, lw0, 0.0) + tl.where(w1 == bw + fw, lw1, 0.0))
-                        at = slot_ptr + base + ((bd + fd) * Hs + bh + fh) * Ws + bw + fw
-                        tl.store(at, tl.load(at, mask=cmask, other=0.0) + tl.sum(gs * a[None, :], axis=1), mask=cmask)
+                        cell = slot_ptr + base + ((bd + fd) * Hs + bh + fh) * Ws + bw + fw
+                        tl.store(cell, tl.load(cell, mask=cmask, other=0.0) + tl.sum(gs * a[None, :], axis=1),
+                                 mask=cmask)
                         tl.debug_barrier()
 
     @triton.jit
@@ -694,25 +695,36 @@ class TritonKernels:
         return cls._backward(pb, cfg, g)
 
     @staticmethod
-    def _forward(pb: _Problem, cfg) -> MapStats:
+    def forward_launch(pb: _Problem, cfg):
+        """The forward kernel's grid, arguments and constexpr keywords, and its outputs (partial rows
+        out (B, groups, M, 3, BLOCK_C) and tout (B, groups, 3, BLOCK_C))."""
         plan, tb, (cat_w, cat_b, awf_v, awf_c) = pb.plan, pb.tables, pb.params
         nsh, nsw, groups = pb.grid(cfg)
         geo = pb.geometry(cfg)
         M, B, C, bc = plan.num_maps, pb.B, pb.C, pb.bc
         out = torch.zeros(B, groups, M, 3, bc, dtype=torch.float32, device=pb.device)
         tout = torch.empty(B, groups, 3, bc, dtype=torch.float32, device=pb.device)
-        _forward_kernel[(groups, B)](
-            *pb.x, geo.st, geo.ax_i0, geo.ax_i1, geo.ax_l1, pb.t, pb.w, out, tout, tb["map_op"], tb["map_arg"],
-            tb["size"], tb["start"], tb["members"], cat_w, cat_b, tb["cat_off"], awf_v, awf_c, tb["v_off"],
-            tb["c_off"], B, C, *pb.out, nsh, nsw, groups, M, plan.has_ignore, plan.ignore_index,
-            plan.num_labels, plan.block_diagonal, **pb.common_args(cfg))
+        args = (*pb.x, geo.st, geo.ax_i0, geo.ax_i1, geo.ax_l1, pb.t, pb.w, out, tout, tb["map_op"], tb["map_arg"],
+                tb["size"], tb["start"], tb["members"], cat_w, cat_b, tb["cat_off"], awf_v, awf_c, tb["v_off"],
+                tb["c_off"], B, C, *pb.out, nsh, nsw, groups, M, plan.has_ignore, plan.ignore_index,
+                plan.num_labels, plan.block_diagonal)
+        return (groups, B), args, pb.common_args(cfg), (out, tout)
+
+    @classmethod
+    def _forward(cls, pb: _Problem, cfg) -> MapStats:
+        grid, args, constexprs, (out, tout) = cls.forward_launch(pb, cfg)
+        _forward_kernel[grid](*args, **constexprs)
+        C = pb.C
         sums = out.sum(1).transpose(0, 1)[..., :C]  # (M, B, 3, C): fixed-order reduction over program groups
         tsums = tout.sum(1)
         parts = (sums[:, :, 0], sums[:, :, 1], sums[:, :, 2], tsums[:, 0, :C], tsums[:, 1, :C], tsums[:, 2, 0])
         return MapStats(*(p.clone() for p in parts))  # custom ops may not return aliases of each other
 
     @staticmethod
-    def _backward(pb: _Problem, cfg, g):
+    def backward_launch(pb: _Problem, cfg, g):
+        """The backward kernel's grid, arguments and constexpr keywords, and its outputs: the logits grads
+        of full-size stages (None for coarse ones), the slot buffer, the parameter partial rows dp
+        (B·groups, n_params) and the geometry (for the slot reduction)."""
         plan, tb, params = pb.plan, pb.tables, pb.params
         nsh, nsw, groups = pb.grid(cfg)
         geo = pb.geometry(cfg)
@@ -724,19 +736,24 @@ class TritonKernels:
         sizes = [p.numel() for p in params]
         n_params = max(sum(sizes), 1)
         dp = torch.zeros(B * groups, n_params, dtype=torch.float32, device=pb.device)
-        _backward_kernel[(groups, B)](
-            *pb.x, geo.st, geo.ax_i0, geo.ax_i1, geo.ax_l1, pb.t, pb.w, g, *direct, slots, geo.slot_off, dp,
-            tb["map_op"], tb["map_arg"], tb["size"], tb["start"], tb["members"], params[0], params[1],
-            tb["cat_off"], params[2], params[3], tb["v_off"], tb["c_off"], B, C, *pb.out, nsh, nsw, groups,
-            plan.num_maps, n_params, sizes[0], sizes[0] + sizes[1], sizes[0] + sizes[1] + sizes[2],
-            plan.has_ignore, plan.ignore_index, plan.num_labels, plan.block_diagonal, **pb.common_args(cfg))
+        args = (*pb.x, geo.st, geo.ax_i0, geo.ax_i1, geo.ax_l1, pb.t, pb.w, g, *direct, slots, geo.slot_off, dp,
+                tb["map_op"], tb["map_arg"], tb["size"], tb["start"], tb["members"], params[0], params[1],
+                tb["cat_off"], params[2], params[3], tb["v_off"], tb["c_off"], B, C, *pb.out, nsh, nsw, groups,
+                plan.num_maps, n_params, sizes[0], sizes[0] + sizes[1], sizes[0] + sizes[1] + sizes[2],
+                plan.has_ignore, plan.ignore_index, plan.num_labels, plan.block_diagonal)
+        return (groups, B), args, pb.common_args(cfg), (grads, slots, dp, geo)
+
+    @classmethod
+    def _backward(cls, pb: _Problem, cfg, g):
+        grid, args, constexprs, (grads, slots, dp, geo) = cls.backward_launch(pb, cfg, g)
+        _backward_kernel[grid](*args, **constexprs)
         for s, blk in enumerate(geo.slot_blocks):
             if blk is not None:  # coarse stage: sum its slots (fixed order) into the native-size gradient
                 start, count = blk
                 z = pb.logits[s]
                 part = slots[start:start + count * z.numel()].view(count, z.numel())
                 grads[s] = part.sum(0).view(z.shape).to(z.dtype)
-        return grads, dp.sum(0)[:sum(sizes)]
+        return grads, dp.sum(0)[:sum(p.numel() for p in pb.params)]
 
 
 STATS_OP = register_ops("triton", TritonKernels)[0] if triton is not None else None
