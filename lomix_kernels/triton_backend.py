@@ -273,6 +273,19 @@ if triton is not None:
         return s, lse
 
     @triton.jit
+    def _tile_data(x0, x1, x2, x3, x4, x5, st_ptr, ax_i0, ax_i1, ax_l1, t_ptr, w_ptr, b, C, D, H, W, cls, cmask, od,
+                   oh, ow, pix, pmask, has_ignore, ignore_index, num_labels, L: tl.constexpr, L_PAD: tl.constexpr,
+                   SOFT: tl.constexpr, HAS_W: tl.constexpr, IS3D: tl.constexpr, BLOCK_C: tl.constexpr,
+                   BLOCK_P: tl.constexpr):
+        """What both passes read for one tile: the (class, pixel) mask, target t and pixel weight w
+        (_target_block) and all stages interpolated to the tile (_load_stages)."""
+        t, w = _target_block(t_ptr, w_ptr, b, C, D * H * W, cls, pix, pmask, SOFT, HAS_W, has_ignore, ignore_index,
+                             num_labels, BLOCK_C)
+        xall = _load_stages(x0, x1, x2, x3, x4, x5, b, C, cls, cmask, od, oh, ow, pix, pmask, st_ptr, ax_i0, ax_i1,
+                            ax_l1, D, H, W, L, L_PAD, IS3D, BLOCK_C, BLOCK_P)
+        return cmask[:, None] & pmask[None, :], t, w, xall
+
+    @triton.jit
     def _forward_kernel(x0, x1, x2, x3, x4, x5, st_ptr, ax_i0, ax_i1, ax_l1, t_ptr, w_ptr, out_ptr, tout_ptr,
                         map_op_ptr, map_arg_ptr, sub_size_ptr, sub_start_ptr, members_ptr, cat_w_ptr, cat_b_ptr,
                         cat_off_ptr, awf_v_ptr, awf_c_ptr, awf_v_off_ptr, awf_c_off_ptr, B, C, D, H, W, nsh, nsw,
@@ -290,7 +303,6 @@ if triton is not None:
         cls = tl.arange(0, BLOCK_C)
         cmask = cls < C
         stage_ids = tl.arange(0, L_PAD)
-        P = D * H * W
         row = out_ptr + (b * G + grp).to(tl.int64) * M * 3 * BLOCK_C
         acc_t1 = tl.zeros((BLOCK_C,), dtype=tl.float32)
         acc_tq = tl.zeros((BLOCK_C,), dtype=tl.float32)
@@ -299,9 +311,10 @@ if triton is not None:
         for i in range(SD * SH * SW):
             td, th, tw, live, od, oh, ow, pix, pmask = _tile(qd, qh, qw, i, D, H, W, TD, TH, TW, SD, SH, SW)
             if live:  # a tile past the grid's edge (in a ragged super-tile) does nothing
-                mask = cmask[:, None] & pmask[None, :]
-                t, w = _target_block(t_ptr, w_ptr, b, C, P, cls, pix, pmask, SOFT, HAS_W, has_ignore, ignore_index,
-                                     num_labels, BLOCK_C)
+                mask, t, w, xall = _tile_data(x0, x1, x2, x3, x4, x5, st_ptr, ax_i0, ax_i1, ax_l1, t_ptr, w_ptr, b,
+                                              C, D, H, W, cls, cmask, od, oh, ow, pix, pmask, has_ignore,
+                                              ignore_index, num_labels, L, L_PAD, SOFT, HAS_W, IS3D, BLOCK_C,
+                                              BLOCK_P)
                 wb = w[None, :]
                 t1 = tl.where(mask, wb * t, 0.0)
                 acc_t1 += tl.sum(t1, axis=1)
@@ -310,8 +323,6 @@ if triton is not None:
                 else:
                     acc_tq += tl.sum(t1, axis=1)
                 acc_w += tl.where(cls == 0, tl.sum(w, axis=0), 0.0)
-                xall = _load_stages(x0, x1, x2, x3, x4, x5, b, C, cls, cmask, od, oh, ow, pix, pmask, st_ptr, ax_i0,
-                                    ax_i1, ax_l1, D, H, W, L, L_PAD, IS3D, BLOCK_C, BLOCK_P)
                 for u in range(M):
                     op = tl.load(map_op_ptr + u)
                     arg = tl.load(map_arg_ptr + u)
@@ -407,17 +418,15 @@ if triton is not None:
         cmask = cls < C
         kk = tl.arange(0, K_PAD)
         stage_ids = tl.arange(0, L_PAD)
-        P = D * H * W
         dp_base = (b * G + grp).to(tl.int64) * n_params
         qd, qh, qw = _super_tile(grp, nsh, nsw)
         for i in range(SD * SH * SW):
             td, th, tw, live, od, oh, ow, pix, pmask = _tile(qd, qh, qw, i, D, H, W, TD, TH, TW, SD, SH, SW)
             if live:  # a tile past the grid's edge (in a ragged super-tile) does nothing
-                mask = cmask[:, None] & pmask[None, :]
-                t, w = _target_block(t_ptr, w_ptr, b, C, P, cls, pix, pmask, SOFT, HAS_W, has_ignore, ignore_index,
-                                     num_labels, BLOCK_C)
-                xall = _load_stages(x0, x1, x2, x3, x4, x5, b, C, cls, cmask, od, oh, ow, pix, pmask, st_ptr, ax_i0,
-                                    ax_i1, ax_l1, D, H, W, L, L_PAD, IS3D, BLOCK_C, BLOCK_P)
+                mask, t, w, xall = _tile_data(x0, x1, x2, x3, x4, x5, st_ptr, ax_i0, ax_i1, ax_l1, t_ptr, w_ptr, b,
+                                              C, D, H, W, cls, cmask, od, oh, ow, pix, pmask, has_ignore,
+                                              ignore_index, num_labels, L, L_PAD, SOFT, HAS_W, IS3D, BLOCK_C,
+                                              BLOCK_P)
                 gx = tl.zeros((L_PAD, BLOCK_C, BLOCK_P), dtype=tl.float32)
                 for u in range(M):
                     op = tl.load(map_op_ptr + u)
@@ -524,8 +533,11 @@ def _prod(values) -> int:
 # fewer slots per coarse stage (a super-tile spanning >= 2 native cells per axis needs 2 slots
 # per axis). The first is the default and the interpreter's; on CUDA the fastest is picked once
 # per problem shape (see _choose).
-CONFIGS_2D = ((1, 8, 8, 1, 4, 4, 4), (1, 8, 16, 1, 4, 2, 4), (1, 16, 16, 1, 2, 2, 8))
-CONFIGS_3D = ((4, 4, 4, 4, 4, 4, 4), (2, 8, 8, 8, 2, 2, 4), (4, 8, 8, 4, 2, 2, 8))
+# With fewer than 32·num_warps pixels per tile Triton spreads warps over the class (and stage) axes,
+# and every softmax / stage selection becomes a cross-warp reduction; configs with enough pixels
+# keep those reductions inside a thread at the price of more registers: autotuning decides.
+CONFIGS_2D = ((1, 8, 8, 1, 4, 4, 2), (1, 8, 8, 1, 4, 4, 4), (1, 8, 16, 1, 4, 2, 4), (1, 16, 16, 1, 2, 2, 8))
+CONFIGS_3D = ((4, 4, 4, 4, 4, 4, 2), (4, 4, 4, 4, 4, 4, 4), (2, 8, 8, 8, 2, 2, 4), (4, 8, 8, 4, 2, 2, 8))
 if INTERPRET:  # small super-tiles, so that the small test problems span several programs and slots
     CONFIGS_2D, CONFIGS_3D = ((1, 8, 8, 1, 2, 2, 4),) + CONFIGS_2D, ((2, 4, 4, 2, 1, 2, 4),) + CONFIGS_3D
 
