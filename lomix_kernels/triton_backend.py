@@ -676,7 +676,9 @@ def _choose(kind: str, pb: _Problem, launch):
         return candidates[0]
     key = (kind, pb.sizes, pb.out, pb.B, pb.C, pb.plan, pb.soft, pb.w is not pb.t, pb.logits[0].dtype)
     if key not in _TUNED:
-        times = [triton.testing.do_bench(lambda c=c: launch(c), warmup=3, rep=10) for c in candidates]
+        from triton.testing import do_bench
+
+        times = [do_bench(lambda c=c: launch(c), warmup=3, rep=10) for c in candidates]
         _TUNED[key] = candidates[times.index(min(times))]
     return _TUNED[key]
 

@@ -198,3 +198,34 @@ def test_kernels_compile_for_h100():
                          timeout=900)
     assert out.returncode == 0, out.stderr[-3000:]
     assert "compiled 4 kernels for sm_90" in out.stdout, out.stdout
+
+
+def test_autotune_picks_fastest_once(monkeypatch):
+    """On CUDA, _choose times every candidate once per problem key and keeps the fastest;
+    LOMIX_TRITON_AUTOTUNE=0 pins the default. (Timing is faked: no GPU needed.)"""
+    from types import SimpleNamespace
+
+    candidates = triton_backend.CONFIGS_2D
+    fake_ms = {c: 5.0 + i for i, c in enumerate(candidates)}
+    fake_ms[candidates[2]] = 1.0
+    timed = []
+
+    def do_bench(fn, **kwargs):
+        return fn()
+
+    def launch(cfg):
+        timed.append(cfg)
+        return fake_ms[cfg]
+
+    monkeypatch.setattr(triton_backend.triton.testing, "do_bench", do_bench)
+    monkeypatch.setattr(triton_backend, "_TUNED", {})
+    pb = SimpleNamespace(device=torch.device("cuda"), is3d=False, sizes=((1, 4, 4),), out=(1, 8, 8), B=1, C=2,
+                         plan=None, soft=False, w=None, t=1, logits=[torch.zeros(1)])
+    assert triton_backend._choose("forward", pb, launch) == candidates[2]
+    assert timed == list(candidates)
+    assert triton_backend._choose("forward", pb, launch) == candidates[2] and len(timed) == len(candidates)
+    monkeypatch.setenv("LOMIX_TRITON_AUTOTUNE", "0")
+    assert triton_backend._choose("backward", pb, launch) == candidates[0]
+    pb.device = torch.device("cpu")
+    monkeypatch.delenv("LOMIX_TRITON_AUTOTUNE")
+    assert triton_backend._choose("backward", pb, launch) == candidates[0] and len(timed) == len(candidates)
