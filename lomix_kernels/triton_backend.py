@@ -732,7 +732,8 @@ class TritonKernels:
         sums = out.sum(1).transpose(0, 1)[..., :C]  # (M, B, 3, C): fixed-order reduction over program groups
         tsums = tout.sum(1)
         parts = (sums[:, :, 0], sums[:, :, 1], sums[:, :, 2], tsums[:, 0, :C], tsums[:, 1, :C], tsums[:, 2, 0])
-        return MapStats(*(p.clone() for p in parts))  # custom ops may not return aliases of each other
+        # fresh contiguous tensors: the fake impl's strides, and no aliases between outputs (custom ops)
+        return MapStats(*(p.clone(memory_format=torch.contiguous_format) for p in parts))
 
     @staticmethod
     def backward_launch(pb: _Problem, cfg, g):

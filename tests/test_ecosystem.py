@@ -15,6 +15,17 @@ from conftest import make_logits, make_target, randomize_params, rel_err, run
 needs_cpu = pytest.mark.skipif(not cpu.available(), reason=cpu.unavailable_reason())
 
 
+def _triton_available():
+    try:
+        from lomix_kernels import triton_backend
+    except ImportError:
+        return False
+    return triton_backend.is_available()
+
+
+FUSED = ["cpu"] + (["triton"] if _triton_available() else [])  # triton: through the interpreter here
+
+
 class TinyHeads(nn.Module):
     """Three 1×1-conv heads at 1/4, 1/2, 1/1 resolution, coarse -> fine."""
 
@@ -27,7 +38,7 @@ class TinyHeads(nn.Module):
 
 
 @needs_cpu
-@pytest.mark.parametrize("backend", ["cpu", "reference"])
+@pytest.mark.parametrize("backend", FUSED + ["reference"])
 def test_compile_no_graph_break_same_results(backend):
     torch.manual_seed(0)
     model, crit = TinyHeads(), randomize_params(lk.LoMixLoss(3, 4, backend=backend))
@@ -51,17 +62,21 @@ def test_compile_no_graph_break_same_results(backend):
 
 
 @needs_cpu
-def test_custom_ops_pass_opcheck():
-    from lomix_kernels.functional import CPU_STATS_OP
+@pytest.mark.parametrize("backend", FUSED)
+def test_custom_ops_pass_opcheck(backend):
     from lomix_kernels.fused import Plan, packed_params
 
-    crit = randomize_params(lk.LoMixLoss(3, 3, backend="cpu"))
-    logits = [z.detach().contiguous() for z in make_logits(3, 3, 2, (6, 5))]
+    if backend == "cpu":
+        from lomix_kernels.functional import CPU_STATS_OP as op
+    else:
+        from lomix_kernels.triton_backend import STATS_OP as op
+    crit = randomize_params(lk.LoMixLoss(3, 3, backend=backend))
+    logits = [z.detach().contiguous() for z in make_logits(3, 3, 2, (6, 5), native=True)]
     params = [p.detach() for p in packed_params(crit.maps, 3, 3, crit.cat_weight, crit.cat_bias, crit.awf_weight,
                                                 crit.awf_bias, "official", torch.device("cpu"))]
     tables, meta = Plan.build(crit.maps, 3, 3, crit.options(), "official").to_lists()
     args = (logits, make_target(3, 2, (6, 5)), None, *params, tables, meta)
-    torch.library.opcheck(CPU_STATS_OP, args, test_utils=("test_schema", "test_faketensor"))
+    torch.library.opcheck(op, args, test_utils=("test_schema", "test_faketensor"))
 
 
 @needs_cpu
