@@ -396,7 +396,6 @@ if triton is not None:
                         cell = slot_ptr + base + ((bd + fd) * Hs + bh + fh) * Ws + bw + fw
                         tl.store(cell, tl.load(cell, mask=cmask, other=0.0) + tl.sum(gs * a[None, :], axis=1),
                                  mask=cmask)
-                        tl.debug_barrier()
 
     @triton.jit
     def _backward_kernel(x0, x1, x2, x3, x4, x5, st_ptr, ax_i0, ax_i1, ax_l1, t_ptr, w_ptr, g_ptr, g0, g1, g2, g3,
@@ -515,6 +514,7 @@ if triton is not None:
                     _write_stage_grad(_stage(gx, s, stage_ids), s, _select(s, g0, g1, g2, g3, g4, g5), slot_ptr,
                                       slot_off_ptr, b, B, C, cls, cmask, qd, qh, qw, td, th, tw, od, oh, ow, pix,
                                       pmask, st_ptr, ax_i0, ax_i1, ax_l1, D, H, W, IS3D, TD, TH, TW)
+                tl.debug_barrier()  # the next tile's read-modify-writes of shared footprint cells come after
 
 
 def _next_pow2(n: int) -> int:
