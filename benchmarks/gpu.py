@@ -2,6 +2,7 @@
 
     python benchmarks/gpu.py                       # synapse2d, l5, ct3d (+ native heads) on cuda
     python benchmarks/gpu.py --configs synapse2d --impls triton,reference
+    (rows merge into results/gpu.json across calls; --fresh starts over)
 
 Each (config, impl) runs in a fresh subprocess. Time: median of CUDA-event-timed forward+backward
 steps after warm-up (the first step also autotunes / compiles). Memory: peak CUDA memory allocated
@@ -157,6 +158,7 @@ def main():
     ap.add_argument("--scale", type=float, default=1.0, help="scale every spatial size (default 1)")
     ap.add_argument("--interpret", action="store_true", help="no CUDA: run through Triton's interpreter")
     ap.add_argument("--name", default="gpu", help="results file stem in benchmarks/results")
+    ap.add_argument("--fresh", action="store_true", help="drop earlier rows of results/<name>.json (default: merge)")
     args = ap.parse_args()
     if args.worker:
         cfg, impl, repeats, scale = args.worker
@@ -178,11 +180,15 @@ def main():
             mem = f"  peak extra {r['peak_extra_mb']:8.1f} MB" if "peak_extra_mb" in r else ""
             msg = r.get("error") or f"{r['median_s'] * 1e3:9.3f} ms{mem}"
             print(f"{cfg:18s} {impl:10s} {msg}", flush=True)
+    RESULTS.mkdir(exist_ok=True)
+    path = RESULTS / f"{args.name}.json"
+    if path.exists() and not args.fresh:  # a lent GPU runs 10-minute commands: one config per call adds up
+        new = {(r["config"], r["impl"]) for r in rows}
+        rows = [r for r in json.loads(path.read_text())["rows"] if (r["config"], r["impl"]) not in new] + rows
     table = summarize(rows)
     print("\n" + table)
-    RESULTS.mkdir(exist_ok=True)
     stamp = time.strftime("%Y%m%d-%H%M%S")
-    (RESULTS / f"{args.name}.json").write_text(json.dumps({"rows": rows, "stamp": stamp}, indent=1))
+    path.write_text(json.dumps({"rows": rows, "stamp": stamp}, indent=1))
     (RESULTS / f"{args.name}.md").write_text(table + "\n")
 
 
