@@ -11,13 +11,14 @@ from torch import nn
 
 
 def example_parser(doc: str, *, steps: int, size: int) -> argparse.ArgumentParser:
-    """The options every example takes: --steps, --size, --classes, --lr, --out."""
+    """The options every example takes: --steps, --size, --classes, --lr, --out, --device."""
     ap = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--steps", type=int, default=steps)
     ap.add_argument("--size", type=int, default=size)
     ap.add_argument("--classes", type=int, default=5)
     ap.add_argument("--lr", type=float, default=3e-3)
     ap.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "out"))
+    ap.add_argument("--device", default="cpu", help="cpu (fused cpu backend) or cuda (fused triton backend)")
     return ap
 
 
