@@ -7,10 +7,14 @@
 Each (config, impl) runs in a fresh subprocess. Time: median of CUDA-event-timed forward+backward
 steps after warm-up (the first step also autotunes / compiles). Memory: peak CUDA memory allocated
 during one forward+backward minus what was allocated just before (inputs, parameters), from
-torch.cuda.max_memory_allocated. Floor: the bytes a fused pass must move (read logits + target
-in forward; read them again and write the logits grads in backward) divided by the device-to-device
-copy bandwidth measured in the same process — a memory floor (the kernels are also compute-bound
-on exp/log, which it ignores). Writes benchmarks/results/gpu.{json,md}.
+torch.cuda.max_memory_allocated. Floor (SPEC §8): the larger of
+- memory: the bytes a fused pass must move (read logits + target in forward; read them again and
+  write the logits grads in backward) / the device-to-device copy bandwidth measured in-process;
+- compute: the operations of a lower-bound work model (``work_per_pixel``: map building, softmax,
+  statistics, the backward's recompute, dL/dz and operator adjoints; no padding, no selects) on
+  the FP32 lanes (128 per SM per clock) and the exponentials on the SFUs (16 per SM per clock), at
+  the SM count and clock torch reports (1.75 GHz when it reports none).
+Writes benchmarks/results/gpu.{json,md}.
 
 Without CUDA, ``--interpret --scale 0.05`` runs the same script on tiny CPU problems through
 Triton's interpreter (a smoke test of the script; its times mean nothing).
@@ -92,8 +96,46 @@ def worker(cfg_name: str, impl: str, repeats: int, scale: float) -> dict:
         torch.cuda.synchronize()
         out["peak_extra_mb"] = (torch.cuda.max_memory_allocated() - base) / 2 ** 20
         moved = 2 ** 20 * (3 * out["logits_mb"] + 2 * out["target_mb"])
-        out["floor_s"] = moved / copy_bandwidth()
+        out["floor_memory_s"] = moved / copy_bandwidth()
+        ops, exps = work_per_pixel(crit)
+        props = torch.cuda.get_device_properties(0)
+        clock = (getattr(props, "clock_rate", 0) or 1.75e6) * 1e3  # kHz -> Hz
+        pixels = B * spatial_size(spatial)
+        out["floor_compute_s"] = max(ops * pixels / (props.multi_processor_count * 128 * clock),
+                                     exps * pixels / (props.multi_processor_count * 16 * clock))
+        out["floor_s"] = max(out["floor_memory_s"], out["floor_compute_s"])
     return out
+
+
+def spatial_size(spatial) -> int:
+    n = 1
+    for s in spatial:
+        n *= s
+    return n
+
+
+def work_per_pixel(crit):
+    """(FP32 operations, exponentials) per output pixel of one fused forward + backward, counting an
+    FMA as one operation: a lower-bound model of the work (what any fused kernel must do)."""
+    C = crit.num_classes
+    ops = exps = 0
+    for m in crit.maps:
+        k = len(m.members)
+        if m.op in ("add", "mult"):
+            build, adjoint = (k - 1) * C, (k - 1) * C * (2 if m.op == "mult" else 1)
+        elif m.op == "cat":
+            build, adjoint = k * C * C, 2 * k * C * C  # 1x1 conv; backward: input grads + weight grads
+        elif m.op == "awf":
+            scores = k * C * (k if crit.awf_param == "paper" else 1)
+            build, adjoint = scores + k * C, 2 * scores + 3 * k * C
+            exps += 2 * k  # the attention softmax, forward and recompute
+        else:
+            build = adjoint = 0
+        # forward: build + softmax (max, shift, sum, normalize) + three weighted sums;
+        # backward: recompute + dL/dz (softmax Jacobian-vector product, ~6 per class) + adjoint
+        ops += (build + 4 * C + 4 * C) + (build + 4 * C + 6 * C + adjoint)
+        exps += 2 * C + 2  # softmax exps forward and recompute, and the log of the sum
+    return ops, exps
 
 
 def copy_bandwidth() -> float:
@@ -128,7 +170,7 @@ def run_case(cfg, impl, repeats, scale, env, timeout=1200):
 
 def summarize(rows) -> str:
     by = {(r["config"], r["impl"]): r for r in rows}
-    lines = ["| config | maps | reference | compiled | triton | vs eager | vs compiled | floor (memory) | "
+    lines = ["| config | maps | reference | compiled | triton | vs eager | vs compiled | floor (memory, compute) | "
              "floor / triton | peak extra: reference | compiled | triton |", "|" + "---|" * 12]
 
     def t(r):
@@ -140,7 +182,8 @@ def summarize(rows) -> str:
     for cfg in dict.fromkeys(r["config"] for r in rows):
         ref, comp, tri = (by.get((cfg, i), {}) for i in IMPLS)
         floor, took = tri.get("floor_s"), tri.get("median_s")
-        floor_ms = f"{floor * 1e3:.3f} ms" if floor else "—"
+        floor_ms = (f"{floor * 1e3:.3f} ms ({tri['floor_memory_s'] * 1e3:.3f}, {tri['floor_compute_s'] * 1e3:.3f})"
+                    if floor else "—")
         fraction = f"{floor / took:.3f}" if floor and took else "—"
         lines.append(f"| {cfg} | {tri.get('maps', ref.get('maps', ''))} | {t(ref)} | {t(comp)} | {t(tri)} | "
                      f"{fmt_ratio(ref.get('median_s'), took).strip()} | "
