@@ -1,4 +1,5 @@
-"""Every bad input raises a clear ValueError/TypeError naming the argument, on every CPU backend."""
+"""Every bad input raises a clear ValueError/TypeError naming the argument, on every backend that
+runs on CPU tensors here (triton through the interpreter)."""
 import pytest
 import torch
 
@@ -7,7 +8,13 @@ import lomix_kernels as lk
 from conftest import make_logits, make_target
 
 L, C, B, SP = 3, 4, 2, (8, 8)
-BACKENDS = ["reference", "cpu"]
+try:
+    from lomix_kernels import triton_backend as _tb
+
+    _TRITON = ["triton"] if _tb.is_available() else []
+except ImportError:
+    _TRITON = []
+BACKENDS = ["reference", "cpu"] + _TRITON
 
 
 @pytest.fixture(params=BACKENDS)
