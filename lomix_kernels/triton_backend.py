@@ -535,8 +535,10 @@ def _prod(values) -> int:
 # per problem shape (see _choose).
 # With fewer than 32·num_warps pixels per tile Triton spreads warps over the class (and stage) axes,
 # and every softmax / stage selection becomes a cross-warp reduction; configs with enough pixels
-# keep those reductions inside a thread at the price of more registers: autotuning decides.
-CONFIGS_2D = ((1, 8, 8, 1, 4, 4, 2), (1, 8, 8, 1, 4, 4, 4), (1, 8, 16, 1, 4, 2, 4), (1, 16, 16, 1, 2, 2, 8))
+# keep those reductions inside a thread at the price of more registers: autotuning decides. The
+# last 2D candidate has 4x the programs (for small images / low occupancy) and 4x the partial rows.
+CONFIGS_2D = ((1, 8, 8, 1, 4, 4, 2), (1, 8, 8, 1, 4, 4, 4), (1, 8, 16, 1, 4, 2, 4), (1, 16, 16, 1, 2, 2, 8),
+              (1, 8, 8, 1, 2, 2, 2))
 CONFIGS_3D = ((4, 4, 4, 4, 4, 4, 2), (4, 4, 4, 4, 4, 4, 4), (2, 8, 8, 8, 2, 2, 4), (4, 8, 8, 4, 2, 2, 8))
 if INTERPRET:  # small super-tiles, so that the small test problems span several programs and slots
     CONFIGS_2D, CONFIGS_3D = ((1, 8, 8, 1, 2, 2, 4),) + CONFIGS_2D, ((2, 4, 4, 2, 1, 2, 4),) + CONFIGS_3D
