@@ -93,9 +93,8 @@ def _int32(values) -> Tensor:
 
 
 class CpuKernels:
-    """Fused forward/backward for CPU tensors (wrapped as custom ops by :mod:`lomix_kernels.fused`)."""
-
-    fuses_upsampling = True  # logits may be coarser than the target: interpolated inside the kernel
+    """Fused forward/backward for CPU tensors (wrapped as custom ops by :mod:`lomix_kernels.fused`).
+    Stages may be coarser than the target: the kernels interpolate them on the fly."""
 
     @staticmethod
     def _problem(plan, logits, target, pixel_weight, params):

@@ -106,13 +106,13 @@ def compute_loss(
         stats = reference_stats(inputs, maps, cat_weight, cat_bias, awf_weight, awf_bias, opts, awf_param)
     elif name == "cpu":  # the kernel validates the data while it streams it
         stats = fused_stats(CPU_STATS_OP, inputs, maps, cat_weight, cat_bias, awf_weight, awf_bias,
-                            opts, awf_param, fuses_upsampling=cpu.CpuKernels.fuses_upsampling)
+                            opts, awf_param)
     else:
         triton_backend = _triton_module()
         if validate and _eager_checks_allowed(z0.device):
             check_values(inputs, num_classes, opts.activation, opts.ignore_index)
         stats = fused_stats(triton_backend.STATS_OP, inputs, maps, cat_weight, cat_bias, awf_weight,
-                            awf_bias, opts, awf_param, fuses_upsampling=triton_backend.TritonKernels.fuses_upsampling)
+                            awf_bias, opts, awf_param)
     if sync_stats:
         stats = _all_reduce_stats(stats)
         weights = _share_of_gradient(weights)

@@ -23,7 +23,7 @@ from torch import Tensor
 
 from . import spec
 from .finish import LossOptions, MapStats
-from .inputs import Inputs, target_classes, upsample
+from .inputs import Inputs, target_classes
 from .params import dense_awf
 
 
@@ -174,14 +174,14 @@ def packed_params(maps, num_stages: int, num_classes: int, cat_w, cat_b, awf_w, 
 
 
 def fused_stats(stats_op, inputs: Inputs, maps: Sequence[spec.MapInfo], cat_w, cat_b, awf_w, awf_b,
-                opts: LossOptions, awf_param: str, fuses_upsampling: bool = True) -> MapStats:
+                opts: LossOptions, awf_param: str) -> MapStats:
     """MapStats of all ``maps`` computed by a fused backend's custom op, differentiable by autograd.
 
-    With ``fuses_upsampling`` the native-resolution logits go to the kernels, which interpolate
-    on the fly and return native-resolution gradients: no full-resolution copy exists.
+    The native-resolution logits go to the kernels, which interpolate on the fly and return
+    native-resolution gradients: no full-resolution copy exists.
     """
     num_stages, num_classes = len(inputs.logits), inputs.logits[0].shape[1]
-    logits = [(z if fuses_upsampling else upsample(z, inputs.spatial)).contiguous() for z in inputs.logits]
+    logits = [z.contiguous() for z in inputs.logits]
     target = inputs.target.contiguous()
     if inputs.soft:
         target = target.float()

@@ -686,9 +686,9 @@ def _choose(kind: str, pb: _Problem, launch):
 
 
 class TritonKernels:
-    """Forward/backward for the shared custom-op wrapper (:mod:`lomix_kernels.fused`)."""
+    """Forward/backward for the shared custom-op wrapper (:mod:`lomix_kernels.fused`). Stages may be
+    coarser than the target: the kernels interpolate them on the fly."""
 
-    fuses_upsampling = True  # stages may be coarser than the target: interpolated inside the kernels
     config = None  # a CONFIGS_2D/3D-style tuple forcing the config (tests); None: _choose
 
     @classmethod
