@@ -7,8 +7,8 @@ entry points that :mod:`lomix_kernels.fused` registers as ``torch.library`` cust
 from __future__ import annotations
 
 import ctypes
-import math
 import glob
+import math
 import os
 from typing import Optional
 
@@ -16,6 +16,7 @@ import torch
 from torch import Tensor
 
 from .finish import MapStats
+from .fused import grid_sizes
 
 _DTYPES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
 _TARGET_KINDS = {torch.uint8: 0, torch.int16: 1, torch.int32: 2, torch.int64: 3}
@@ -99,21 +100,20 @@ class CpuKernels:
     @staticmethod
     def _problem(plan, logits, target, pixel_weight, params):
         z0 = logits[0]
-        spatial = tuple(target.shape[2:] if target.is_floating_point() else target.shape[1:])
-        pad = (1,) * (3 - len(spatial))
-        sizes = torch.tensor([pad + tuple(z.shape[2:]) for z in logits], dtype=torch.int64)
+        out_size, stage_sizes = grid_sizes(logits, target)
+        sizes = torch.tensor(stage_sizes, dtype=torch.int64)
         tables = [_int32(plan.map_op), _int32(plan.map_arg), _int32(plan.subset_size), _int32(plan.subset_members),
                   sizes]
         ptrs = (ctypes.c_void_p * len(logits))(*[z.data_ptr() for z in logits])
         pr = _Problem(
-            batch=z0.shape[0], classes=z0.shape[1], pixels=math.prod(spatial),
+            batch=z0.shape[0], classes=z0.shape[1], pixels=math.prod(out_size),
             num_stages=len(logits), num_maps=plan.num_maps, num_subsets=len(plan.subset_size),
             logit_dtype=_DTYPES[z0.dtype],
             target_kind=_SOFT_TARGET if target.is_floating_point() else _TARGET_KINDS[target.dtype],
             sigmoid=plan.sigmoid, q=plan.q, has_ignore=plan.has_ignore, ignore_index=plan.ignore_index,
             num_labels=plan.num_labels, num_threads=torch.get_num_threads(),
-            awf_block_diagonal=plan.block_diagonal, spatial_rank=len(spatial),
-            out_size=(ctypes.c_int64 * 3)(*(pad + spatial)), stage_size=_ptr(sizes),
+            awf_block_diagonal=plan.block_diagonal, spatial_rank=z0.dim() - 2,
+            out_size=(ctypes.c_int64 * 3)(*out_size), stage_size=_ptr(sizes),
             logits=ctypes.cast(ptrs, ctypes.POINTER(ctypes.c_void_p)),
             target=_ptr(target), pixel_weight=_ptr(pixel_weight),
             map_op=_ptr(tables[0]), map_arg=_ptr(tables[1]), subset_size=_ptr(tables[2]),

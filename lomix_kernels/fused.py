@@ -135,6 +135,14 @@ def register_ops(name: str, kernels):
     return stats_op, backward_op
 
 
+def grid_sizes(logits: Sequence[Tensor], target: Tensor):
+    """The kernels' size convention: the target's spatial size and each stage's, as (D, H, W)
+    triples (D = 1 in 2D). Returns ``(out_size, stage_sizes)``."""
+    nsp = logits[0].dim() - 2
+    pad = (1,) * (3 - nsp)
+    return pad + tuple(target.shape[-nsp:]), tuple(pad + tuple(z.shape[2:]) for z in logits)
+
+
 def packed_layout(subset_sizes: Sequence[int], num_classes: int):
     """Offsets of each subset's block in the four packed parameter tensors, and their lengths.
 

@@ -27,6 +27,7 @@ buffers (K = 2 per axis when a super-tile spans at least two native cells per ax
 """
 from __future__ import annotations
 
+import math
 import os
 from functools import lru_cache
 
@@ -34,7 +35,7 @@ import torch
 from torch import Tensor
 
 from .finish import MapStats
-from .fused import packed_layout, register_ops
+from .fused import grid_sizes, packed_layout, register_ops
 
 try:  # triton is optional
     import triton
@@ -521,13 +522,6 @@ def _next_pow2(n: int) -> int:
     return 1 << max(0, (int(n) - 1).bit_length())
 
 
-def _prod(values) -> int:
-    out = 1
-    for v in values:
-        out *= int(v)
-    return out
-
-
 # Configs (TD, TH, TW, SD, SH, SW, num_warps): tiles of TD·TH·TW pixels (one register block), a
 # program takes a super-tile of SD × SH × SW tiles. Bigger super-tiles mean fewer programs but
 # fewer slots per coarse stage (a super-tile spanning >= 2 native cells per axis needs 2 slots
@@ -589,8 +583,8 @@ class _Geometry:
             same = tuple(size) == tuple(out_size)
             slots = [1, 1, 1] if same else [_overlap(a, b, e) for a, b, e in zip(size, out_size, extent)]
             st += [*size, *slots, int(same), 0]
-            block = 0 if same else _prod(slots) * batch * classes * _prod(size)
-            self.slot_blocks.append((total, _prod(slots)) if not same else None)
+            block = 0 if same else math.prod(slots) * batch * classes * math.prod(size)
+            self.slot_blocks.append((total, math.prod(slots)) if not same else None)
             total += block
         self.st = torch.tensor(st, dtype=torch.int32, device=device)
         self.ax_i0 = torch.cat(i0s).to(device)
@@ -616,10 +610,8 @@ class _Problem:
         self.logits = list(logits)
         self.L = len(logits)
         self.B, self.C = logits[0].shape[:2]
-        nsp = logits[0].dim() - 2
-        self.is3d = nsp == 3
-        self.out = (1,) * (3 - nsp) + tuple(target.shape[-nsp:])
-        self.sizes = tuple((1,) * (3 - nsp) + tuple(z.shape[2:]) for z in logits)
+        self.is3d = logits[0].dim() == 5
+        self.out, self.sizes = grid_sizes(logits, target)
         x = [z.reshape(self.B, self.C, -1) for z in logits]  # views, no copy
         self.x = x + [x[0]] * (MAX_STAGES - self.L)
         self.soft = target.is_floating_point()
@@ -653,7 +645,8 @@ class _Problem:
 
 @lru_cache(maxsize=64)
 def _plan_tables(plan, C, device):
-    """The plan's int tables on ``device`` (cached: no host-to-device copy per call): map op/arg, subset sizes/starts/members, packed parameter offsets."""
+    """The plan's int tables on ``device`` (cached: no host-to-device copy per call): map op/arg,
+    subset sizes/starts/members, packed parameter offsets."""
     sizes = list(plan.subset_size)
     starts = [sum(sizes[:j]) for j in range(len(sizes))]
     offsets, _ = packed_layout(sizes, C)
