@@ -16,6 +16,15 @@ import lomix_kernels as lk
 torch.set_num_threads(min(2, os.cpu_count() or 1))
 
 
+def triton_available() -> bool:
+    """Whether backend="triton" can run in this session (through the interpreter without a GPU)."""
+    try:
+        from lomix_kernels import triton_backend
+    except ImportError:
+        return False
+    return triton_backend.is_available()
+
+
 def make_logits(num_stages, num_classes, batch, spatial, *, native=False, dtype=torch.float32, seed=0,
                 scale=2.0, requires_grad=True):
     """L random logit tensors (never zeros). ``native``: stage i at 1/2^(L-1-i) of ``spatial``."""

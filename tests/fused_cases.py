@@ -61,3 +61,37 @@ def random_case(backend, L, C, B, sp, *, native=False, ops=None, seed=0, dtype=t
     logits = make_logits(L, C, B, sp, native=native, seed=seed, dtype=dtype)
     target = make_target(C, B, sp, seed=seed + 1, ignore_index=opts.get("ignore_index"), dtype=target_dtype)
     return crit, logits, target
+
+
+def native_case(backend, target_sp, head_sps, *, C=3, B=2, seed=5, **opts):
+    """Random parameters, random heads at the given native sizes (coarse -> fine) and a random target."""
+    crit = randomize_params(lk.LoMixLoss(len(head_sps), C, backend=backend, **opts))
+    g = torch.Generator().manual_seed(seed)
+    logits = [(torch.randn(B, C, *sp, generator=g) * 2).requires_grad_() for sp in head_sps]
+    return crit, logits, make_target(C, B, target_sp, ignore_index=opts.get("ignore_index"))
+
+
+def _random_config(seed):
+    g = torch.Generator().manual_seed(seed)
+
+    def pick(options):
+        return options[int(torch.randint(len(options), (1,), generator=g))]
+
+    L, C, B = pick([2, 3, 4, 5]), pick([2, 3, 5, 8, 16]), pick([1, 2, 3])
+    sp = tuple(int(s) for s in torch.randint(3, 14, (pick([2, 3]),), generator=g))
+    heads = [tuple(max(1, int(s * float(torch.rand(1, generator=g)) + 0.5)) for s in sp) for _ in range(L - 1)] + [sp]
+    ops = pick(OP_SUBSETS)
+    opts = dict(dice_squared=pick([True, False]), dice_batch=pick([True, False]),
+                include_background=pick([True, False]), awf_param=pick(["official", "paper"]),
+                combine=pick(["additive", "multiplicative"]), ignore_index=pick([None, 250]))
+    return L, C, B, sp, heads, ops, opts, pick([torch.uint8, torch.int32, torch.int64])
+
+
+def random_config_case(backend, seed):
+    """A randomly drawn (fixed-seed) problem: shapes, head sizes, op subset, options, target dtype."""
+    L, C, B, sp, heads, ops, opts, tdtype = _random_config(seed)
+    crit = randomize_params(lk.LoMixLoss(L, C, ops=ops, backend=backend, **opts), seed=seed)
+    g = torch.Generator().manual_seed(seed + 100)
+    logits = [(torch.randn(B, C, *h, generator=g) * 2).requires_grad_() for h in heads]
+    target = make_target(C, B, sp, seed=seed, ignore_index=opts["ignore_index"], dtype=tdtype)
+    return crit, logits, target

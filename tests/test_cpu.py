@@ -6,7 +6,7 @@ import lomix_kernels as lk
 from lomix_kernels import cpu
 
 from conftest import make_logits, make_target, randomize_params, rel_err, run, twin
-from fused_cases import OP_SUBSETS, compare_to_reference, random_case
+from fused_cases import OP_SUBSETS, compare_to_reference, native_case, random_case, random_config_case
 
 pytestmark = pytest.mark.skipif(not cpu.available(), reason="the CPU kernels must be built: " + cpu.unavailable_reason())
 # (skipif never triggers in CI: `make test` builds the kernels first and test_build_present fails otherwise)
@@ -180,12 +180,7 @@ def test_large_image_multiple_items():
 ])
 def test_native_resolution_heads(target_sp, head_sps):
     """Upsampling fused into the kernel equals F.interpolate + loss; grads at native resolution."""
-    L, C, B = len(head_sps), 3, 2
-    crit = randomize_params(lk.LoMixLoss(L, C, backend="cpu", ignore_index=7))
-    g = torch.Generator().manual_seed(5)
-    logits = [(torch.randn(B, C, *sp, generator=g) * 2).requires_grad_() for sp in head_sps]
-    target = make_target(C, B, target_sp, ignore_index=7)
-    compare_to_reference(crit, logits, target)
+    compare_to_reference(*native_case("cpu", target_sp, head_sps, ignore_index=7))
 
 
 def test_native_resolution_allocates_no_full_resolution_copy():
@@ -203,28 +198,7 @@ def test_native_resolution_allocates_no_full_resolution_copy():
     assert not any("Upsample" in type(fn).__name__ for fn in seen)
 
 
-def _random_config(seed):
-    g = torch.Generator().manual_seed(seed)
-
-    def pick(options):
-        return options[int(torch.randint(len(options), (1,), generator=g))]
-
-    L, C, B = pick([2, 3, 4, 5]), pick([2, 3, 5, 8, 16]), pick([1, 2, 3])
-    sp = tuple(int(s) for s in torch.randint(3, 14, (pick([2, 3]),), generator=g))
-    heads = [tuple(max(1, int(s * float(torch.rand(1, generator=g)) + 0.5)) for s in sp) for _ in range(L - 1)] + [sp]
-    ops = pick(OP_SUBSETS)
-    opts = dict(dice_squared=pick([True, False]), dice_batch=pick([True, False]),
-                include_background=pick([True, False]), awf_param=pick(["official", "paper"]),
-                combine=pick(["additive", "multiplicative"]), ignore_index=pick([None, 250]))
-    return L, C, B, sp, heads, ops, opts, pick([torch.uint8, torch.int32, torch.int64])
-
-
 @pytest.mark.parametrize("seed", range(24))
 def test_random_configurations(seed):
     """Randomly drawn (but fixed-seed) shapes, head sizes, op subsets and options."""
-    L, C, B, sp, heads, ops, opts, tdtype = _random_config(seed)
-    crit = randomize_params(lk.LoMixLoss(L, C, ops=ops, backend="cpu", **opts), seed=seed)
-    g = torch.Generator().manual_seed(seed + 100)
-    logits = [(torch.randn(B, C, *h, generator=g) * 2).requires_grad_() for h in heads]
-    target = make_target(C, B, sp, seed=seed, ignore_index=opts["ignore_index"], dtype=tdtype)
-    compare_to_reference(crit, logits, target)
+    compare_to_reference(*random_config_case("cpu", seed))

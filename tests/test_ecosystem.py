@@ -10,20 +10,11 @@ from torch import nn
 import lomix_kernels as lk
 from lomix_kernels import cpu
 
-from conftest import make_logits, make_target, randomize_params, rel_err, run
+from conftest import make_logits, make_target, randomize_params, rel_err, run, triton_available
 
 needs_cpu = pytest.mark.skipif(not cpu.available(), reason=cpu.unavailable_reason())
 
-
-def _triton_available():
-    try:
-        from lomix_kernels import triton_backend
-    except ImportError:
-        return False
-    return triton_backend.is_available()
-
-
-FUSED = ["cpu"] + (["triton"] if _triton_available() else [])  # triton: through the interpreter here
+FUSED = ["cpu"] + (["triton"] if triton_available() else [])  # triton: through the interpreter here
 
 
 class TinyHeads(nn.Module):

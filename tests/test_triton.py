@@ -12,7 +12,7 @@ import torch
 import lomix_kernels as lk
 
 from conftest import make_logits, make_target, randomize_params
-from fused_cases import OP_SUBSETS, compare_to_reference, random_case
+from fused_cases import OP_SUBSETS, compare_to_reference, native_case, random_case, random_config_case
 from test_variants import VARIANTS, pixel_weights, soft_target
 
 triton_backend = pytest.importorskip("lomix_kernels.triton_backend")
@@ -89,13 +89,6 @@ def test_too_many_stages_says_so():
         crit(logits, make_target(2, 1, (4, 4)).to(DEVICE))
 
 
-def native_case(target_sp, head_sps, C=3, B=2, seed=5, **opts):
-    crit = randomize_params(lk.LoMixLoss(len(head_sps), C, backend="triton", **opts))
-    g = torch.Generator().manual_seed(seed)
-    logits = [(torch.randn(B, C, *sp, generator=g) * 2).requires_grad_() for sp in head_sps]
-    return crit, logits, make_target(C, B, target_sp, ignore_index=opts.get("ignore_index"))
-
-
 @pytest.mark.parametrize("target_sp,head_sps", [
     ((23, 19), [(5, 4), (12, 19), (23, 19)]),           # odd, non-integer ratios, 3 slots per axis
     ((26, 10), [(2, 1), (13, 5), (26, 10)]),            # 1/13, 1/10 .. 1/2
@@ -103,7 +96,7 @@ def native_case(target_sp, head_sps, C=3, B=2, seed=5, **opts):
 ])
 def test_native_resolution_heads(target_sp, head_sps):
     """Upsampling fused into the kernels equals F.interpolate + loss; grads at native resolution."""
-    check(*native_case(target_sp, head_sps, ignore_index=7))
+    check(*native_case("triton", target_sp, head_sps, ignore_index=7))
 
 
 # the GPU candidates, once per tiling (num_warps means nothing to the interpreter)
@@ -116,9 +109,9 @@ def test_every_tile_config(cfg, monkeypatch):
     on a grid of more than one super-tile per axis."""
     monkeypatch.setattr(triton_backend.TritonKernels, "config", cfg)
     if cfg[0] == 1:
-        case = native_case((40, 35), [(5, 4), (40, 35)], C=2, B=1)
+        case = native_case("triton", (40, 35), [(5, 4), (40, 35)], C=2, B=1)
     else:
-        case = native_case((18, 5, 6), [(3, 2, 2), (18, 5, 6)], C=2, B=1)  # 2 super-tiles along D
+        case = native_case("triton", (18, 5, 6), [(3, 2, 2), (18, 5, 6)], C=2, B=1)  # 2 super-tiles along D
     check(*case)
 
 
@@ -166,7 +159,7 @@ def test_no_full_resolution_copy(monkeypatch):
     def refuse(*args, **kwargs):
         raise AssertionError("F.interpolate called")
 
-    crit, logits, target = to_device(*native_case((12, 10), [(3, 2), (6, 5), (12, 10)]))
+    crit, logits, target = to_device(*native_case("triton", (12, 10), [(3, 2), (6, 5), (12, 10)]))
     monkeypatch.setattr(torch.nn.functional, "interpolate", refuse)
     loss = crit(logits, target)
     loss.backward()
@@ -176,13 +169,7 @@ def test_no_full_resolution_copy(monkeypatch):
 @pytest.mark.parametrize("seed", [0, 11])
 def test_random_configurations(seed):
     """Some of test_cpu's fixed-seed random configurations (shapes, heads, op subsets, options)."""
-    from test_cpu import _random_config
-
-    L, C, B, sp, heads, ops, opts, tdtype = _random_config(seed)
-    crit = randomize_params(lk.LoMixLoss(L, C, ops=ops, backend="triton", **opts), seed=seed)
-    g = torch.Generator().manual_seed(seed + 100)
-    logits = [(torch.randn(B, C, *h, generator=g) * 2).requires_grad_() for h in heads]
-    check(crit, logits, make_target(C, B, sp, seed=seed, ignore_index=opts["ignore_index"], dtype=tdtype))
+    check(*random_config_case("triton", seed))
 
 
 @pytest.mark.parametrize("target_dtype", [torch.uint8, torch.int16, torch.int32, torch.int64])

@@ -5,16 +5,10 @@ import torch
 
 import lomix_kernels as lk
 
-from conftest import make_logits, make_target
+from conftest import make_logits, make_target, triton_available
 
 L, C, B, SP = 3, 4, 2, (8, 8)
-try:
-    from lomix_kernels import triton_backend as _tb
-
-    _TRITON = ["triton"] if _tb.is_available() else []
-except ImportError:
-    _TRITON = []
-BACKENDS = ["reference", "cpu"] + _TRITON
+BACKENDS = ["reference", "cpu"] + (["triton"] if triton_available() else [])
 
 
 @pytest.fixture(params=BACKENDS)
