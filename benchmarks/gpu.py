@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import subprocess
 import sys
@@ -30,7 +31,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from run import CONFIGS, RESULTS, fmt_ratio  # noqa: E402  (one place for the configs)
+from run import RESULTS, fmt_ratio, make_problem  # noqa: E402  (one place for the configs and inputs)
 
 DEFAULT_CONFIGS = ["synapse2d", "l5", "ct3d", "synapse2d-native", "ct3d-native", "ct3d-l5"]
 IMPLS = ["reference", "compiled", "triton"]
@@ -43,12 +44,7 @@ def worker(cfg_name: str, impl: str, repeats: int, scale: float) -> dict:
 
     cuda = torch.cuda.is_available()
     device = "cuda" if cuda else "cpu"
-    torch.manual_seed(0)
-    B, C, spatial, L, native = CONFIGS[cfg_name]
-    spatial = tuple(max(4, int(round(s * scale))) for s in spatial)
-    heads = [tuple(max(1, s // (2 ** (L + 1 - i) if native else 1)) for s in spatial) for i in range(L)]
-    logits = [torch.randn(B, C, *sp, device=device, requires_grad=True) for sp in heads]
-    target = torch.randint(0, C, (B, *spatial), dtype=torch.int64, device=device)
+    B, C, L, spatial, heads, logits, target = make_problem(cfg_name, scale, device)
     crit = lk.LoMixLoss(L, C, backend="triton" if impl == "triton" else "reference", validate=False).to(device)
     fn = torch.compile(crit) if impl == "compiled" else crit
 
@@ -100,18 +96,11 @@ def worker(cfg_name: str, impl: str, repeats: int, scale: float) -> dict:
         ops, exps = work_per_pixel(crit)
         props = torch.cuda.get_device_properties(0)
         clock = (getattr(props, "clock_rate", 0) or 1.75e6) * 1e3  # kHz -> Hz
-        pixels = B * spatial_size(spatial)
+        pixels = B * math.prod(spatial)
         out["floor_compute_s"] = max(ops * pixels / (props.multi_processor_count * 128 * clock),
                                      exps * pixels / (props.multi_processor_count * 16 * clock))
         out["floor_s"] = max(out["floor_memory_s"], out["floor_compute_s"])
     return out
-
-
-def spatial_size(spatial) -> int:
-    n = 1
-    for s in spatial:
-        n *= s
-    return n
 
 
 def work_per_pixel(crit):

@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import gc
 import json
+import math
 import os
 import subprocess
 import sys
@@ -62,20 +63,26 @@ def _reset_peak() -> bool:
         return False
 
 
+def make_problem(cfg_name: str, scale: float, device: str = "cpu"):
+    """A config's inputs (seeded): ``(B, C, L, spatial, heads, logits, target)``, spatial sizes scaled
+    by ``scale``; native configs have EMCAD-like heads at 1/32 .. 1/4 (L = 4), else full size."""
+    import torch
+
+    torch.manual_seed(0)
+    B, C, spatial, L, native = CONFIGS[cfg_name]
+    spatial = tuple(max(4, int(round(s * scale))) for s in spatial)
+    heads = [tuple(max(1, s // (2 ** (L + 1 - i) if native else 1)) for s in spatial) for i in range(L)]
+    logits = [torch.randn(B, C, *sp, device=device, requires_grad=True) for sp in heads]
+    target = torch.randint(0, C, (B, *spatial), dtype=torch.int64, device=device)
+    return B, C, L, spatial, heads, logits, target
+
+
 def worker(cfg_name: str, impl: str, repeats: int, scale: float, mode: str) -> dict:
     import torch
 
     import lomix_kernels as lk
 
-    torch.manual_seed(0)
-    B, C, spatial, L, native = CONFIGS[cfg_name]
-    spatial = tuple(max(4, int(round(s * scale))) for s in spatial)
-    heads = []
-    for i in range(L):
-        f = 2 ** (L + 1 - i) if native else 1  # EMCAD-like heads at 1/32 .. 1/4 (L=4)
-        heads.append(tuple(max(1, s // f) for s in spatial))
-    logits = [torch.randn(B, C, *sp, requires_grad=True) for sp in heads]
-    target = torch.randint(0, C, (B, *spatial), dtype=torch.int64)
+    B, C, L, spatial, heads, logits, target = make_problem(cfg_name, scale)
     backend = "cpu" if impl == "cpu" else "reference"
     crit = lk.LoMixLoss(L, C, backend=backend, validate=impl != "compiled")
     fn = torch.compile(crit) if impl == "compiled" else crit
@@ -145,14 +152,7 @@ def reference_estimate_gb(cfg: str) -> float:
     r = _worker_process(cfg, "reference", 1, 0.5, "mem", 1500)
     if "error" in r:
         return float("nan")
-    B, C, spatial, L, native = CONFIGS[cfg]
-    full = 1
-    for s in spatial:
-        full *= s
-    small = 1
-    for s in r["spatial"]:
-        small *= s
-    return r["peak_extra_mb"] * full / small / 1024
+    return r["peak_extra_mb"] * math.prod(CONFIGS[cfg][2]) / math.prod(r["spatial"]) / 1024
 
 
 def needs_estimate(cfg: str, impl: str) -> bool:
