@@ -4,7 +4,17 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.lomix-installed
 
-.PHONY: setup test test-gpu bench bench-full bench-gpu demo clean
+# The oldest triton we support (the GPU test machine's), tested through the interpreter and the sm_90
+# compile check in a second venv; its interpreter needs numpy < 2.4.
+OLD_VENV := .venv-triton-oldest
+OLD_STAMP := $(OLD_VENV)/.lomix-installed
+OLDEST_TRITON := 3.6.0
+# The python that runs the GPU targets: $(PY) itself when it already has CUDA torch (a GPU machine,
+# no venv, no network), else the project venv.
+GPU_PY = $$($(PY) -c "import torch, sys; sys.exit(not torch.cuda.is_available())" 2>/dev/null \
+	&& echo $(PY) || { $(MAKE) -s setup >&2 && echo $(BIN)/python; })
+
+.PHONY: setup test test-newest test-triton-oldest test-gpu bench bench-full bench-gpu device-check device-pkgs demo clean
 
 $(STAMP): requirements.txt pyproject.toml setup.py csrc/lomix_cpu.cpp
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -14,17 +24,35 @@ $(STAMP): requirements.txt pyproject.toml setup.py csrc/lomix_cpu.cpp
 
 setup: $(STAMP)
 
-test: setup  ## the test suite (what .ci/run calls)
+test: test-newest test-triton-oldest  ## the test suite (what .ci/run calls)
+
+test-newest: setup  ## every test, with the newest triton
 	$(BIN)/python -m pytest tests
+
+$(OLD_STAMP): requirements.txt
+	test -x $(OLD_VENV)/bin/python || $(PY) -m venv $(OLD_VENV)
+	$(OLD_VENV)/bin/python -m pip install -q --disable-pip-version-check torch==2.13.0 triton==$(OLDEST_TRITON) \
+		"numpy<2.4" pytest
+	touch $(OLD_STAMP)
+
+test-triton-oldest: setup $(OLD_STAMP)  ## the Triton tests (interpreter + sm_90 compile check) with triton 3.6
+	PYTHONPATH=$(CURDIR) $(OLD_VENV)/bin/python -m pytest tests/test_triton.py
 
 bench: setup  ## the main job: speed and memory table against the reference on the SPEC §8 configs
 	$(BIN)/python benchmarks/run.py
 
-test-gpu: setup  ## the Triton tests on a CUDA device instead of the interpreter
-	LOMIX_TRITON_ON_GPU=1 $(BIN)/python -m pytest tests/test_triton.py
+test-gpu:  ## the Triton tests on a CUDA device instead of the interpreter
+	LOMIX_TRITON_ON_GPU=1 $(GPU_PY) -m pytest tests/test_triton.py
 
-bench-gpu: setup  ## triton vs eager / compiled reference on CUDA (time, peak CUDA memory, memory floor)
-	$(BIN)/python benchmarks/gpu.py
+bench-gpu:  ## triton vs eager / compiled reference on CUDA (time, peak CUDA memory, floor)
+	$(GPU_PY) benchmarks/gpu.py
+
+OUT ?= device-check-out
+device-check:  ## the one-shot GPU check (~8 min on one H100) into $(OUT); needs CUDA torch + triton in $(PY)
+	$(PY) benchmarks/device_check.py $(OUT)
+
+device-pkgs:  ## pytest into .device-pkgs (pure python), for a GPU machine whose python lacks it (carry it there)
+	$(PY) -m pip install -q --disable-pip-version-check --target .device-pkgs pytest
 
 bench-full: setup  ## also the L and pixel scaling sweeps
 	$(BIN)/python benchmarks/run.py --sweep --configs synapse2d --impls cpu --name sweep
@@ -33,4 +61,4 @@ demo: setup
 	$(BIN)/python examples/demo.py
 
 clean:
-	rm -rf $(VENV) build *.egg-info lomix_kernels/*.so
+	rm -rf $(VENV) $(OLD_VENV) .device-pkgs build *.egg-info lomix_kernels/*.so

@@ -3,9 +3,14 @@
     python benchmarks/gpu.py                       # synapse2d, l5, ct3d (+ native heads) on cuda
     python benchmarks/gpu.py --configs synapse2d --impls triton,reference
     (rows merge into results/gpu.json across calls; --fresh starts over)
+    python benchmarks/gpu.py --step ct3d-native triton 0.2   # one forward+backward (sanitizer, ncu)
 
-Each (config, impl) runs in a fresh subprocess. Time: median of CUDA-event-timed forward+backward
-steps after warm-up (the first step also autotunes / compiles). Memory: peak CUDA memory allocated
+Each (config, impl) runs in a fresh subprocess. First, in parallel (``--jobs``), every Triton tile
+candidate and every torch.compile'd reference is compiled once into the on-disk caches (one step
+each; a compile longer than ``--compile-cap`` marks that row skipped). Then, one at a time: time,
+the median of CUDA-event-timed forward+backward steps after a warm-up step (the first step also
+autotunes), at most ``--repeats`` steps or ~1 s (at least 3). ``--budget`` bounds the whole run: rows that no
+longer fit are reported as skipped. Memory: peak CUDA memory allocated
 during one forward+backward minus what was allocated just before (inputs, parameters), from
 torch.cuda.max_memory_allocated. Floor (SPEC §8): the larger of
 - memory: the bytes a fused pass must move (read logits + target in forward; read them again and
@@ -31,19 +36,19 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from run import RESULTS, fmt_ratio, make_problem  # noqa: E402  (one place for the configs and inputs)
+from run import CONFIGS, RESULTS, fmt_ratio, make_problem  # noqa: E402  (one place for the configs and inputs)
 
 DEFAULT_CONFIGS = ["synapse2d", "l5", "ct3d", "synapse2d-native", "ct3d-native", "ct3d-l5"]
 IMPLS = ["reference", "compiled", "triton"]
 
 
-def worker(cfg_name: str, impl: str, repeats: int, scale: float) -> dict:
+def setup_step(cfg_name: str, impl: str, scale: float):
+    """(step, crit, logits, target, sizes): one forward+backward of ``impl`` on a config's inputs."""
     import torch
 
     import lomix_kernels as lk
 
-    cuda = torch.cuda.is_available()
-    device = "cuda" if cuda else "cpu"
+    device = "cuda" if torch.cuda.is_available() else "cpu"
     B, C, L, spatial, heads, logits, target = make_problem(cfg_name, scale, device)
     crit = lk.LoMixLoss(L, C, backend="triton" if impl == "triton" else "reference", validate=False).to(device)
     fn = torch.compile(crit) if impl == "compiled" else crit
@@ -53,6 +58,37 @@ def worker(cfg_name: str, impl: str, repeats: int, scale: float) -> dict:
             z.grad = None
         crit.zero_grad(set_to_none=True)
         fn(logits, target).backward()
+
+    return step, crit, logits, target, (B, C, L, spatial, heads)
+
+
+def one_step(cfg_names: str, impl: str, scale: float) -> dict:
+    """Exactly one forward+backward per config of the comma-separated ``cfg_names`` (what the sanitizer
+    and the profiler run; also the cache warm-up)."""
+    import torch
+
+    t0 = time.perf_counter()
+    for cfg_name in cfg_names.split(","):
+        setup_step(cfg_name, impl, scale)[0]()
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+    return {"config": cfg_names, "impl": impl, "step_s": time.perf_counter() - t0, **kernel_launches(impl)}
+
+
+def kernel_launches(impl: str) -> dict:
+    """The Triton kernels' configs, registers and spills of the latest launches (triton only)."""
+    if impl != "triton":
+        return {}
+    from lomix_kernels import triton_backend
+
+    return {"kernels": triton_backend.last_launches()}
+
+
+def worker(cfg_name: str, impl: str, repeats: int, scale: float, max_seconds: float = 1.0) -> dict:
+    import torch
+
+    cuda = torch.cuda.is_available()
+    step, crit, logits, target, (B, C, L, spatial, heads) = setup_step(cfg_name, impl, scale)
 
     def sync():
         if cuda:
@@ -67,7 +103,8 @@ def worker(cfg_name: str, impl: str, repeats: int, scale: float) -> dict:
            "logits_mb": sum(z.numel() * z.element_size() for z in logits) / 2 ** 20,
            "target_mb": target.numel() * target.element_size() / 2 ** 20}
     times = []
-    for _ in range(repeats):
+    started = time.perf_counter()
+    while len(times) < repeats and (len(times) < 3 or time.perf_counter() - started < max_seconds):
         if cuda:
             start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
             start.record()
@@ -80,7 +117,7 @@ def worker(cfg_name: str, impl: str, repeats: int, scale: float) -> dict:
             step()
             times.append(time.perf_counter() - t0)
     times.sort()
-    out.update(median_s=times[len(times) // 2], min_s=times[0], repeats=repeats)
+    out.update(median_s=times[len(times) // 2], min_s=times[0], repeats=len(times), **kernel_launches(impl))
     if cuda:
         for z in logits:
             z.grad = None
@@ -144,17 +181,75 @@ def copy_bandwidth() -> float:
     return 2 * x.numel() * 4 / sorted(times)[5]
 
 
-def run_case(cfg, impl, repeats, scale, env, timeout=1200):
-    cmd = [sys.executable, __file__, "--worker", cfg, impl, str(repeats), str(scale)]
+def run_case(cfg, impl, repeats, scale, env, timeout=1200, step=False):
+    """One (config, impl) in a fresh process: a timed row, or with ``step`` one forward+backward."""
+    mode = ["--step", cfg, impl, str(scale)] if step else ["--worker", cfg, impl, str(repeats), str(scale)]
     try:
-        p = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=timeout)
+        p = subprocess.run([sys.executable, __file__, *mode], capture_output=True, text=True, env=env,
+                           timeout=max(1, timeout))
     except subprocess.TimeoutExpired:
-        return {"config": cfg, "impl": impl, "error": f"timed out after {timeout}s"}
+        return {"config": cfg, "impl": impl, "error": f"timed out after {timeout:.0f}s"}
     if p.returncode != 0:
         lines = (p.stderr or p.stdout).strip().splitlines()
         msg = next((ln for ln in reversed(lines) if "OutOfMemoryError" in ln), lines[-1] if lines else "killed")
         return {"config": cfg, "impl": impl, "error": f"exit {p.returncode}: {msg[:200]}"}
     return json.loads(p.stdout.strip().splitlines()[-1])
+
+
+def warm_caches(configs, impls, scale, env, jobs, cap, log=print):
+    """Compile every Triton tile candidate (pinned one at a time) and every torch.compile'd reference
+    into the on-disk caches, ``jobs`` processes at a time, so that the timed runs (one at a time)
+    pay no compile. Returns {config: reason} for the compiled rows whose compile failed or took
+    longer than ``cap`` seconds."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from lomix_kernels import triton_backend
+
+    tasks = [(cfg, "compiled", None) for cfg in configs if "compiled" in impls]  # the longest first
+    for cfg in configs:
+        if "triton" in impls:
+            candidates = triton_backend.CONFIGS_3D if len(CONFIGS[cfg][2]) == 3 else triton_backend.CONFIGS_2D
+            tasks += [(cfg, "triton", c) for c in candidates]
+
+    def warm(task):
+        cfg, impl, cand = task
+        e = dict(env, **({"LOMIX_TRITON_CONFIG": ",".join(map(str, cand))} if cand else {}))
+        return task, run_case(cfg, impl, 1, scale, e, timeout=cap, step=True)
+
+    skipped = {}
+    with ThreadPoolExecutor(max_workers=max(1, jobs)) as pool:
+        for (cfg, impl, cand), r in pool.map(warm, tasks):
+            log(f"  warm {cfg:18s} {impl:9s} {str(cand or ''):24s} "
+                f"{r.get('error') or format(r['step_s'], '.1f') + ' s'}")
+            if impl == "compiled" and "error" in r:
+                skipped[cfg] = f"torch.compile did not finish within the {cap:.0f} s cap ({r['error']})"
+    return skipped
+
+
+def run_table(configs, impls, *, repeats=20, scale=1.0, env=None, jobs=8, compile_cap=150.0, budget=None,
+              log=print, warmed=None):
+    """Rows for every (config, impl): warm the caches (unless ``warmed``, the result of an earlier
+    warm_caches, is given), then time each alone. With ``budget`` (s) the rows that would start after
+    it are reported as skipped."""
+    env = dict(os.environ if env is None else env)
+    started = time.perf_counter()
+    skipped = warmed if warmed is not None else (
+        warm_caches(configs, impls, scale, env, jobs, compile_cap, log) if jobs > 0 else {})
+    rows = []
+    for impl in impls:  # impl-major: a tight budget cuts the compiled rows (the slowest) first
+        for cfg in configs:
+            left = None if budget is None else budget - (time.perf_counter() - started)
+            if impl == "compiled" and cfg in skipped:
+                r = {"config": cfg, "impl": impl, "skipped": skipped[cfg]}
+            elif left is not None and left < 5:
+                r = {"config": cfg, "impl": impl, "skipped": "over the time budget of this run"}
+            else:
+                r = run_case(cfg, impl, repeats, scale, env, timeout=1200 if left is None else left)
+            rows.append(r)
+            mem = f"  peak extra {r['peak_extra_mb']:8.1f} MB" if "peak_extra_mb" in r else ""
+            msg = r.get("error") or r.get("skipped") or f"{r['median_s'] * 1e3:9.3f} ms{mem}"
+            log(f"{cfg:18s} {impl:10s} {msg}")
+    return rows
 
 
 def summarize(rows) -> str:
@@ -163,7 +258,9 @@ def summarize(rows) -> str:
              "floor / triton | peak extra: reference | compiled | triton |", "|" + "---|" * 12]
 
     def t(r):
-        return f"{r['median_s'] * 1e3:.2f} ms" if "median_s" in r else ("OOM / error" if r else "—")
+        if "median_s" in r:
+            return f"{r['median_s'] * 1e3:.2f} ms"
+        return "skipped" if "skipped" in r else ("OOM / error" if r else "—")
 
     def m(r):
         return f"{r['peak_extra_mb']:.0f} MB" if "peak_extra_mb" in r else "—"
@@ -184,17 +281,27 @@ def summarize(rows) -> str:
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--worker", nargs=4, help=argparse.SUPPRESS)
+    ap.add_argument("--step", nargs=3, metavar=("CONFIGS", "IMPL", "SCALE"),
+                    help="one forward+backward per config (comma-separated), then exit")
     ap.add_argument("--configs", default=",".join(DEFAULT_CONFIGS))
     ap.add_argument("--impls", default=",".join(IMPLS))
-    ap.add_argument("--repeats", type=int, default=20)
+    ap.add_argument("--repeats", type=int, default=20, help="at most this many timed steps (or ~2 s)")
     ap.add_argument("--scale", type=float, default=1.0, help="scale every spatial size (default 1)")
+    ap.add_argument("--jobs", type=int, default=8, help="parallel compile warm-up processes (0: none)")
+    ap.add_argument("--compile-cap", type=float, default=150.0, help="seconds one compile may take")
+    ap.add_argument("--budget", type=float, default=None, help="seconds for the whole run (default: none)")
     ap.add_argument("--interpret", action="store_true", help="no CUDA: run through Triton's interpreter")
-    ap.add_argument("--name", default="gpu", help="results file stem in benchmarks/results")
-    ap.add_argument("--fresh", action="store_true", help="drop earlier rows of results/<name>.json (default: merge)")
+    ap.add_argument("--out", default=str(RESULTS), help="folder of the results (default benchmarks/results)")
+    ap.add_argument("--name", default="gpu", help="results file stem")
+    ap.add_argument("--fresh", action="store_true", help="drop earlier rows of <out>/<name>.json (default: merge)")
     args = ap.parse_args()
     if args.worker:
         cfg, impl, repeats, scale = args.worker
         print(json.dumps(worker(cfg, impl, int(repeats), float(scale))))
+        return
+    if args.step:
+        cfg, impl, scale = args.step
+        print(json.dumps(one_step(cfg, impl, float(scale))))
         return
     env = dict(os.environ)
     if args.interpret:
@@ -204,24 +311,23 @@ def main():
 
         if not torch.cuda.is_available():
             sys.exit("benchmarks/gpu.py needs a CUDA device (or --interpret --scale 0.05 for a CPU smoke test)")
-    rows = []
-    for cfg in args.configs.split(","):
-        for impl in args.impls.split(","):
-            r = run_case(cfg, impl, args.repeats, args.scale, env)
-            rows.append(r)
-            mem = f"  peak extra {r['peak_extra_mb']:8.1f} MB" if "peak_extra_mb" in r else ""
-            msg = r.get("error") or f"{r['median_s'] * 1e3:9.3f} ms{mem}"
-            print(f"{cfg:18s} {impl:10s} {msg}", flush=True)
-    RESULTS.mkdir(exist_ok=True)
-    path = RESULTS / f"{args.name}.json"
-    if path.exists() and not args.fresh:  # a lent GPU runs 10-minute commands: one config per call adds up
+    rows = run_table(args.configs.split(","), args.impls.split(","), repeats=args.repeats, scale=args.scale,
+                     env=env, jobs=args.jobs, compile_cap=args.compile_cap, budget=args.budget)
+    write_results(rows, Path(args.out), args.name, merge=not args.fresh)
+
+
+def write_results(rows, out: Path, name: str, merge: bool = True) -> str:
+    """Write <out>/<name>.json (rows merged with earlier ones unless ``merge`` is False) and .md; the table."""
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / f"{name}.json"
+    if path.exists() and merge:  # a lent GPU runs short commands: one config per call adds up
         new = {(r["config"], r["impl"]) for r in rows}
         rows = [r for r in json.loads(path.read_text())["rows"] if (r["config"], r["impl"]) not in new] + rows
     table = summarize(rows)
     print("\n" + table)
-    stamp = time.strftime("%Y%m%d-%H%M%S")
-    path.write_text(json.dumps({"rows": rows, "stamp": stamp}, indent=1))
-    (RESULTS / f"{args.name}.md").write_text(table + "\n")
+    path.write_text(json.dumps({"rows": rows, "stamp": time.strftime("%Y%m%d-%H%M%S")}, indent=1))
+    (out / f"{name}.md").write_text(table + "\n")
+    return table
 
 
 if __name__ == "__main__":

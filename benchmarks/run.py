@@ -33,6 +33,9 @@ CONFIGS = {  # name: (B, C, spatial, L, native)
     "ct3d-l5": (2, 14, (96, 96, 96), 5, False),
     "synapse2d-native": (6, 9, (224, 224), 4, True),
     "ct3d-native": (2, 14, (96, 96, 96), 4, True),
+    # tiny problems for smoke runs of the GPU scripts through Triton's interpreter
+    "smoke2d": (1, 3, (16, 12), 3, True),
+    "smoke3d": (1, 2, (8, 8, 6), 2, True),
 }
 DEFAULT_CONFIGS = ["synapse2d", "l5", "ct3d", "ct3d-l5", "synapse2d-native", "ct3d-native"]
 SWEEP_L = range(2, 7)          # cost vs number of stages (B=2, C=9, 128²)

@@ -69,9 +69,34 @@ def check_usable(logits: Tensor) -> None:
                          "before importing triton to run the kernels on CPU tensors through the interpreter")
     if logits.dtype not in _DTYPES:
         raise TypeError(f"backend='triton' supports float32/float16/bfloat16 logits, got {logits.dtype}")
+    if logits.device.type != "cuda" and not torch.compiler.is_compiling() and _interpreter_problem():
+        raise RuntimeError(_interpreter_problem())
+
+
+@lru_cache(maxsize=1)
+def _interpreter_problem() -> str:
+    """Why Triton's interpreter cannot run our kernels here ("" when it can). Triton <= 3.6's
+    interpreter turns a scalar kernel argument into a 1-element array and loops over range() of it
+    with int(), which NumPy >= 2.4 refuses; a one-loop probe kernel finds out."""
+    out = torch.zeros(1)
+    try:
+        _probe_kernel[(1,)](out, 2)
+    except Exception as exc:  # noqa: BLE001 - any failure of the interpreter is reported as it is
+        import numpy
+
+        return (f"Triton {triton.__version__}'s interpreter fails with NumPy {numpy.__version__} ({exc!r}); "
+                "install numpy<2.4 or a newer triton for TRITON_INTERPRET=1")
+    return "" if float(out) == 2.0 else f"Triton's interpreter computed a loop wrongly ({float(out)} != 2)"
 
 
 if triton is not None:
+
+    @triton.jit
+    def _probe_kernel(out, n):
+        acc = 0.0
+        for _ in range(n):
+            acc += 1.0
+        tl.store(out, acc)
 
     @triton.jit
     def _select(s, p0, p1, p2, p3, p4, p5):
@@ -660,13 +685,44 @@ def _plan_tables(plan, C, device):
 
 
 _TUNED: dict = {}
+_LAST: dict = {}  # kind -> (config, compiled kernel) of the latest launch (for reports)
+
+
+def pinned_config():
+    """The config forced by LOMIX_TRITON_CONFIG ("TD,TH,TW,SD,SH,SW,num_warps"), or None."""
+    text = os.environ.get("LOMIX_TRITON_CONFIG", "").strip()
+    if not text:
+        return None
+    try:
+        cfg = tuple(int(v) for v in text.split(","))
+    except ValueError:
+        cfg = ()
+    if len(cfg) != 7 or min(cfg) < 1:
+        raise ValueError(f"LOMIX_TRITON_CONFIG must be 7 positive integers TD,TH,TW,SD,SH,SW,num_warps, got {text!r}")
+    return cfg
+
+
+def last_launches() -> dict:
+    """{"forward"/"backward": {"config", "n_regs", "n_spills"}} of the latest launches (registers and
+    spills as the CUDA driver reports them; absent through the interpreter)."""
+    out = {}
+    for kind, (cfg, kernel) in _LAST.items():
+        out[kind] = {"config": list(cfg), **{k: getattr(kernel, k) for k in ("n_regs", "n_spills")
+                                             if isinstance(getattr(kernel, k, None), int)}}
+    return out
 
 
 def _choose(kind: str, pb: _Problem, launch):
-    """The tile config for this problem: the default, or on CUDA (unless LOMIX_TRITON_AUTOTUNE=0) the
-    fastest candidate, timed once per (kind, shapes, plan) key like triton.autotune. Results are
-    deterministic for a given config; pinning the default makes them identical across processes."""
+    """The tile config for this problem: LOMIX_TRITON_CONFIG if set; else the default, or on CUDA
+    (unless LOMIX_TRITON_AUTOTUNE=0) the fastest candidate, timed once per (kind, shapes, plan) key
+    like triton.autotune. Results are deterministic for a given config; pinning one makes them
+    identical across processes."""
     candidates = CONFIGS_3D if pb.is3d else CONFIGS_2D
+    pinned = pinned_config()
+    if pinned is not None:
+        if pinned[0] > 1 and not pb.is3d:
+            raise ValueError(f"LOMIX_TRITON_CONFIG {pinned} has TD > 1: not a 2D config")
+        return pinned
     if pb.device.type != "cuda" or os.environ.get("LOMIX_TRITON_AUTOTUNE", "1") == "0":
         return candidates[0]
     key = (kind, pb.sizes, pb.out, pb.B, pb.C, pb.plan, pb.soft, pb.w is not pb.t, pb.logits[0].dtype)
@@ -682,16 +738,10 @@ class TritonKernels:
     """Forward/backward for the shared custom-op wrapper (:mod:`lomix_kernels.fused`). Stages may be
     coarser than the target: the kernels interpolate them on the fly."""
 
-    config = None  # a CONFIGS_2D/3D-style tuple forcing the config (tests); None: _choose
-
-    @classmethod
-    def _config(cls, kind, pb, launch):
-        return cls.config if cls.config is not None else _choose(kind, pb, launch)
-
     @classmethod
     def forward(cls, plan, logits, target, pixel_weight, params) -> MapStats:
         pb = _Problem(plan, logits, target, pixel_weight, params)
-        cfg = cls._config("forward", pb, lambda c: cls._forward(pb, c))
+        cfg = _choose("forward", pb, lambda c: cls._forward(pb, c))
         return cls._forward(pb, cfg)
 
     @classmethod
@@ -700,7 +750,7 @@ class TritonKernels:
         M, B, C, bc = plan.num_maps, pb.B, pb.C, pb.bc
         g = torch.zeros(M, B, 3, bc, dtype=torch.float32, device=pb.device)
         g[:, :, 0, :C], g[:, :, 1, :C], g[:, :, 2, :C] = gce, ginter, gzsum
-        cfg = cls._config("backward", pb, lambda c: cls._backward(pb, c, g))
+        cfg = _choose("backward", pb, lambda c: cls._backward(pb, c, g))
         return cls._backward(pb, cfg, g)
 
     @staticmethod
@@ -722,7 +772,7 @@ class TritonKernels:
     @classmethod
     def _forward(cls, pb: _Problem, cfg) -> MapStats:
         grid, args, constexprs, (out, tout) = cls.forward_launch(pb, cfg)
-        _forward_kernel[grid](*args, **constexprs)
+        _LAST["forward"] = (cfg, _forward_kernel[grid](*args, **constexprs))
         C = pb.C
         sums = out.sum(1).transpose(0, 1)[..., :C]  # (M, B, 3, C): fixed-order reduction over program groups
         tsums = tout.sum(1)
@@ -756,7 +806,7 @@ class TritonKernels:
     @classmethod
     def _backward(cls, pb: _Problem, cfg, g):
         grid, args, constexprs, (grads, slots, dp, geo) = cls.backward_launch(pb, cfg, g)
-        _backward_kernel[grid](*args, **constexprs)
+        _LAST["backward"] = (cfg, _backward_kernel[grid](*args, **constexprs))
         for s, blk in enumerate(geo.slot_blocks):
             if blk is not None:  # coarse stage: sum its slots (fixed order) into the native-size gradient
                 start, count = blk

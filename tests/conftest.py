@@ -78,11 +78,23 @@ def rel_err(a, b):
 
 def twin(crit: lk.LoMixLoss, backend: str) -> lk.LoMixLoss:
     """The same loss (same options and parameter values) on another backend."""
-    other = type(crit)(**{**crit._init_kwargs, "backend": backend})
+    other = type(crit)(**{**crit._init_kwargs, "backend": backend}).to(crit.theta.device)
     other.load_state_dict(crit.state_dict())
     for (_, p), (_, q) in zip(crit.named_parameters(), other.named_parameters()):
         q.requires_grad_(p.requires_grad)
     return other
+
+
+@pytest.hookimpl(trylast=True)  # after -k / -m have deselected
+def pytest_collection_modifyitems(config, items):
+    """LOMIX_TEST_SHARD=i/n keeps every n-th collected test from the i-th on (parallel processes on a
+    machine with many cores: benchmarks/device_check.py runs the CUDA tests that way)."""
+    shard = os.environ.get("LOMIX_TEST_SHARD")
+    if shard:
+        i, n = (int(v) for v in shard.split("/"))
+        keep = items[i::n]
+        config.hook.pytest_deselected(items=[t for t in items if t not in keep])
+        items[:] = keep
 
 
 @pytest.fixture

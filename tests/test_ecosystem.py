@@ -29,7 +29,7 @@ class TinyHeads(nn.Module):
 
 
 @needs_cpu
-@pytest.mark.parametrize("backend", FUSED + ["reference"])
+@pytest.mark.parametrize("backend", ["cpu", "reference"])  # triton: test_triton (on CUDA in the device check)
 def test_compile_no_graph_break_same_results(backend):
     torch.manual_seed(0)
     model, crit = TinyHeads(), randomize_params(lk.LoMixLoss(3, 4, backend=backend))

@@ -11,7 +11,7 @@ import torch
 
 import lomix_kernels as lk
 
-from conftest import make_logits, make_target, randomize_params
+from conftest import make_logits, make_target, randomize_params, rel_err
 from fused_cases import OP_SUBSETS, compare_to_reference, native_case, random_case, random_config_case
 from test_variants import VARIANTS, pixel_weights, soft_target
 
@@ -34,7 +34,7 @@ def check(crit, logits, target, pixel_weight=None):
 
 
 @pytest.mark.parametrize("L,C,B,sp", [(2, 2, 1, (5, 7)), (3, 5, 2, (6, 5)), (4, 3, 1, (8, 7)), (5, 2, 1, (8, 8)),
-                                      (3, 3, 2, (3, 4, 5)), (4, 2, 1, (4, 5, 4))])
+                                      (6, 2, 1, (4, 5)), (3, 3, 2, (3, 4, 5)), (4, 2, 1, (4, 5, 4))])
 @pytest.mark.parametrize("awf_param", ["official", "paper"])
 def test_shapes_all_ops(L, C, B, sp, awf_param):
     check(*random_case("triton", L, C, B, sp, native=True, awf_param=awf_param, seed=L))
@@ -82,6 +82,57 @@ def test_deterministic():
     assert all(torch.equal(x, y) for x, y in zip(a, b))
 
 
+def test_compiled_step_matches_eager():
+    """torch.compile(fullgraph=True) of a step with the triton op: no graph break, same loss and grads
+    (on CUDA in the device check, through the interpreter here)."""
+    crit, logits, target = to_device(*random_case("triton", 3, 4, 2, (12, 10), native=True))
+    params = list(crit.parameters())
+
+    def step(heads, y):
+        return crit(heads, y)
+
+    eager = step(logits, target)
+    g_eager = torch.autograd.grad(eager, logits + params)
+    torch._dynamo.reset()
+    explanation = torch._dynamo.explain(step)(logits, target)
+    assert explanation.graph_break_count == 0, [b.reason for b in explanation.break_reasons]
+    torch._dynamo.reset()
+    out = torch.compile(step, fullgraph=True)(logits, target)
+    g_comp = torch.autograd.grad(out, logits + params)
+    assert rel_err(out, eager) < 1e-6
+    assert all(rel_err(a, b) < 1e-6 for a, b in zip(g_comp, g_eager))
+
+
+def test_pinned_config_is_checked(monkeypatch):
+    crit, logits, target = to_device(*random_case("triton", 2, 2, 1, (6, 6)))
+    monkeypatch.setenv("LOMIX_TRITON_CONFIG", "1,8,8")
+    with pytest.raises(ValueError, match="LOMIX_TRITON_CONFIG must be 7 positive integers"):
+        crit(logits, target)
+    monkeypatch.setenv("LOMIX_TRITON_CONFIG", "2,4,4,1,1,1,4")
+    with pytest.raises(ValueError, match="not a 2D config"):
+        crit(logits, target)
+
+
+@pytest.mark.skipif(ON_GPU, reason="the interpreter probe concerns CPU tensors only")
+def test_interpreter_that_cannot_loop_says_why(monkeypatch):
+    """Triton 3.6's interpreter with NumPy >= 2.4 cannot run range() over a kernel argument: a clear
+    error naming the versions and the fix, not a TypeError from inside the interpreter."""
+    class Broken:
+        def __getitem__(self, grid):
+            def launch(*args):
+                raise TypeError("only 0-dimensional arrays can be converted to Python scalars")
+            return launch
+
+    monkeypatch.setattr(triton_backend, "_probe_kernel", Broken())
+    triton_backend._interpreter_problem.cache_clear()
+    crit, logits, target = random_case("triton", 2, 2, 1, (6, 6))
+    try:
+        with pytest.raises(RuntimeError, match="numpy<2.4 or a newer triton"):
+            crit(logits, target)
+    finally:
+        triton_backend._interpreter_problem.cache_clear()
+
+
 def test_too_many_stages_says_so():
     crit = lk.LoMixLoss(7, 2, scheme="deep_supervision", backend="triton").to(DEVICE)
     logits = [z.to(DEVICE) for z in make_logits(7, 2, 1, (4, 4))]
@@ -107,7 +158,7 @@ GPU_TILINGS = list({c[:6]: c for c in triton_backend.CONFIGS_2D[1:] + triton_bac
 def test_every_tile_config(cfg, monkeypatch):
     """Each GPU autotuning candidate computes the same loss and gradients (autotune may pick any),
     on a grid of more than one super-tile per axis."""
-    monkeypatch.setattr(triton_backend.TritonKernels, "config", cfg)
+    monkeypatch.setenv("LOMIX_TRITON_CONFIG", ",".join(map(str, cfg)))
     if cfg[0] == 1:
         case = native_case("triton", (40, 35), [(5, 4), (40, 35)], C=2, B=1)
     else:
