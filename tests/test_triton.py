@@ -259,6 +259,8 @@ def test_autotune_picks_fastest_once(monkeypatch):
 
     monkeypatch.setattr(triton_backend.triton.testing, "do_bench", do_bench)
     monkeypatch.setattr(triton_backend, "_TUNED", {})
+    monkeypatch.delenv("LOMIX_TRITON_AUTOTUNE", raising=False)  # the device check runs the tests with it off
+    monkeypatch.delenv("LOMIX_TRITON_CONFIG", raising=False)
     pb = SimpleNamespace(device=torch.device("cuda"), is3d=False, sizes=((1, 4, 4),), out=(1, 8, 8), B=1, C=2,
                          plan=None, soft=False, w=None, t=1, logits=[torch.zeros(1)])
     assert triton_backend._choose("forward", pb, launch) == candidates[2]
