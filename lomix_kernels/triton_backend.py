@@ -69,7 +69,8 @@ def check_usable(logits: Tensor) -> None:
                          "before importing triton to run the kernels on CPU tensors through the interpreter")
     if logits.dtype not in _DTYPES:
         raise TypeError(f"backend='triton' supports float32/float16/bfloat16 logits, got {logits.dtype}")
-    if logits.device.type != "cuda" and not torch.compiler.is_compiling() and _interpreter_problem():
+    interpreted = os.environ.get("TRITON_INTERPRET") == "1"  # how triton was imported (it reads the same)
+    if logits.device.type != "cuda" and interpreted and not torch.compiler.is_compiling() and _interpreter_problem():
         raise RuntimeError(_interpreter_problem())
 
 
