@@ -5,11 +5,11 @@
     loss = crit(logits, target)                              # logits: 4 tensors, coarse -> fine
 """
 from . import report, spec
-from .finish import LossOptions, LossTerms, MapStats, finish
+from .finish import WEIGHTINGS, LossOptions, LossTerms, MapStats, finish
 from .functional import lomix_loss
 from .module import LoMixLoss
 from .spec import build_maps, num_maps, subsets
 
-__all__ = ["LoMixLoss", "lomix_loss", "spec", "report", "subsets", "num_maps", "build_maps", "finish", "MapStats",
+__all__ = ["LoMixLoss", "lomix_loss", "WEIGHTINGS", "spec", "report", "subsets", "num_maps", "build_maps", "finish", "MapStats",
            "LossTerms", "LossOptions"]
 __version__ = "0.1.0"

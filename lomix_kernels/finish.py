@@ -11,10 +11,12 @@ from dataclasses import dataclass, field
 from typing import Callable, NamedTuple, Optional, Union
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 COMBINES = ("additive", "multiplicative")
 ACTIVATIONS = ("softmax", "sigmoid")
+WEIGHTINGS = ("softplus", "fixed", "normalized", "uncertainty")
 
 
 class MapStats(NamedTuple):
@@ -91,9 +93,39 @@ class LossOptions:
                 raise ValueError("class_weight must be >= 0")
 
 
+def map_weights(theta: Tensor, weighting: str) -> Tensor:
+    """(M,) the effective map weights w_u from θ (M,):
+
+    - ``softplus`` (the paper): w = softplus(θ);
+    - ``fixed``: θ holds the weights themselves (1 unless set);
+    - ``normalized``: w = M·softplus(θ) / Σ_v softplus(θ_v) (Σ w = M: the scale is fixed);
+    - ``uncertainty`` (Kendall, Gal & Cipolla 2018): w = exp(−θ), θ_u the log-variance s_u.
+    """
+    if weighting == "softplus":
+        return F.softplus(theta)
+    if weighting == "fixed":
+        return theta
+    if weighting == "normalized":
+        sp = F.softplus(theta)
+        return sp * (theta.numel() / sp.sum())
+    if weighting == "uncertainty":
+        return torch.exp(-theta)
+    raise ValueError(f"weighting must be one of {WEIGHTINGS}, got {weighting!r}")
+
+
+def weighted_total(ell: Tensor, theta: Tensor, weighting: str) -> tuple[Tensor, Tensor]:
+    """() the total of per-map losses ``ell`` (M,): Σ_u w_u ℓ_u, plus Σ_u θ_u for ``uncertainty``
+    (its regularizer; the minimum over θ_u is at w_u = 1/ℓ_u); and (M,) the weights w_u."""
+    theta = theta.to(ell.dtype)
+    weights = map_weights(theta, weighting)
+    total = (weights * ell).sum()
+    return (total + theta.sum() if weighting == "uncertainty" else total), weights
+
+
 def finish(
     stats: MapStats,
-    weights: Tensor,
+    theta: Tensor,
+    weighting: str,
     opts: LossOptions,
     soft_target: bool,
 ) -> tuple[Tensor, dict[str, Tensor]]:
@@ -101,12 +133,14 @@ def finish(
 
     Args:
         stats: :class:`MapStats` with M maps, B samples, C classes.
-        weights: (M,) the map weights w_u.
+        theta: (M,) the weight parameters θ (see :func:`map_weights`).
+        weighting: one of :data:`WEIGHTINGS`.
         opts: loss options.
         soft_target: the target was a float (B, C, ...) tensor (changes the CE normalizer,
             as ``nn.CrossEntropyLoss`` does for probability targets).
     Returns:
-        total: () Σ_u w_u ℓ_u, and a dict of (M,) tensors ``ell``, ``ce``, ``dice``.
+        total: () :func:`weighted_total`, and a dict of (M,) tensors ``ell``, ``ce``, ``dice`` and the
+        effective ``weight``.
     """
     num_classes = stats.ce.shape[-1]
     dtype = stats.ce.dtype
@@ -146,8 +180,8 @@ def finish(
         if not isinstance(ell, Tensor) or ell.shape != ce.shape:
             raise ValueError(f"combine callable must return a tensor of shape {tuple(ce.shape)}, "
                              f"got {getattr(ell, 'shape', type(ell))}")
-    total = (weights.to(ell.dtype) * ell).sum()
-    return total, {"ell": ell, "ce": ce, "dice": dice}
+    total, weights = weighted_total(ell, theta, weighting)
+    return total, {"ell": ell, "ce": ce, "dice": dice, "weight": weights}
 
 
 def _safe_den(den: Tensor) -> Tensor:

@@ -5,7 +5,6 @@ import warnings
 from typing import Optional, Sequence
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from . import cpu, spec
@@ -67,7 +66,8 @@ def compute_loss(
     logits: Sequence[Tensor],
     target: Tensor,
     pixel_weight: Optional[Tensor],
-    weights: Tensor,
+    theta: Tensor,
+    weighting: str,
     maps: Sequence[spec.MapInfo],
     cat_weight, cat_bias, awf_weight, awf_bias,
     opts: LossOptions,
@@ -80,7 +80,8 @@ def compute_loss(
 ) -> tuple[Tensor, dict[str, Tensor]]:
     """Validate, compute the per-map statistics with the chosen backend, and finish.
 
-    Returns the scalar total Σ_u w_u ℓ_u and (M,) tensors ``ell``, ``ce``, ``dice`` (differentiable).
+    Returns the scalar total (:func:`lomix_kernels.finish.weighted_total`) and (M,) tensors ``ell``, ``ce``,
+    ``dice``, ``weight`` (differentiable).
     """
     opts.validate()
     inputs = check_inputs(logits, target, pixel_weight, num_stages=num_stages, num_classes=num_classes,
@@ -96,8 +97,9 @@ def compute_loss(
         check_params("awf_bias", awf_bias, [b for _, b in shapes], z0)
     if opts.class_weight is not None and opts.class_weight.shape != (num_classes,):
         raise ValueError(f"class_weight must have shape ({num_classes},), got {tuple(opts.class_weight.shape)}")
-    if tuple(weights.shape) != (len(maps),):
-        raise ValueError(f"theta must have shape ({len(maps)},) for the {len(maps)} maps, got {tuple(weights.shape)}")
+    if not isinstance(theta, Tensor) or tuple(theta.shape) != (len(maps),):
+        got = tuple(theta.shape) if isinstance(theta, Tensor) else type(theta).__name__
+        raise ValueError(f"theta must have shape ({len(maps)},) for the {len(maps)} maps, got {got}")
 
     name = resolve_backend(backend, z0)
     if name == "reference":
@@ -115,10 +117,10 @@ def compute_loss(
                             awf_bias, opts, awf_param)
     if sync_stats:
         stats = _all_reduce_stats(stats)
-        weights = _share_of_gradient(weights)
+        theta = _share_of_gradient(theta)
     if stats.ce.dtype != torch.float64:  # fused backends accumulate in float32; reference may be half
         stats = MapStats(*(s.float() for s in stats))
-    return finish(stats, weights, opts, soft_target=inputs.soft)
+    return finish(stats, theta, weighting, opts, soft_target=inputs.soft)
 
 
 def _share_of_gradient(weights: Tensor) -> Tensor:
@@ -163,11 +165,6 @@ class _AllReduceSum(torch.autograd.Function):
         return g
 
 
-def map_weights(theta: Tensor, learn_weights: bool) -> Tensor:
-    """w_u = softplus(θ_u) when learned, else θ holds the fixed weights themselves."""
-    return F.softplus(theta) if learn_weights else theta
-
-
 def lomix_loss(
     logits: Sequence[Tensor],
     target: Tensor,
@@ -181,6 +178,7 @@ def lomix_loss(
     scheme: str = "lomix",
     ops: Optional[Sequence[str]] = None,
     learn_weights: Optional[bool] = None,
+    weighting: Optional[str] = None,
     ce_weight: float = 0.3,
     dice_weight: float = 0.7,
     dice_squared: bool = True,
@@ -203,7 +201,8 @@ def lomix_loss(
     Args:
         logits: L tensors (B, C, *spatial_l), coarse -> fine; upsampled to the target's size.
         target: (B, *spatial) class indices, (B, 1, *spatial), or float (B, C, *spatial).
-        theta: (M,) softplus pre-activations (learned) or the fixed weights themselves.
+        theta: (M,) the weight parameters: softplus pre-activations (``weighting="softplus"``, the lomix
+            default, or "normalized"), log-variances ("uncertainty"), or the fixed weights themselves.
         cat_weight/cat_bias: per subset (C, |S|C) / (C,), needed when "cat" is in the ops.
         awf_weight/awf_bias: see :func:`lomix_kernels.spec.awf_param_shapes`, needed for "awf".
         return_terms: also return a dict of (M,) tensors ``ell``, ``ce``, ``dice``, ``weight``.
@@ -215,15 +214,13 @@ def lomix_loss(
     if not isinstance(logits[0], Tensor) or logits[0].dim() < 2:
         raise TypeError("logits[0] must be a tensor (B, C, *spatial)")
     num_stages, num_classes = len(logits), logits[0].shape[1]
-    cfg = spec.resolve_scheme(scheme, num_stages, ops, learn_weights)
+    cfg = spec.resolve_scheme(scheme, num_stages, ops, learn_weights, weighting)
     maps = spec.build_maps(num_stages, cfg.originals, cfg.ops)
     opts = LossOptions(ce_weight, dice_weight, dice_squared, dice_batch, include_background, smooth_nr,
                        smooth_dr, ignore_index, combine, activation, class_weight)
     if not isinstance(theta, Tensor):
         raise TypeError("theta must be a tensor of shape (M,)")
-    weights = map_weights(theta, cfg.learn_weights)
-    total, terms = compute_loss(logits, target, pixel_weight, weights, maps, cat_weight, cat_bias, awf_weight,
-                                awf_bias, opts, awf_param, num_stages, num_classes, backend, validate, sync_stats)
-    if return_terms:
-        return total, {**terms, "weight": weights}
-    return total
+    total, terms = compute_loss(logits, target, pixel_weight, theta, cfg.weighting, maps, cat_weight, cat_bias,
+                                awf_weight, awf_bias, opts, awf_param, num_stages, num_classes, backend, validate,
+                                sync_stats)
+    return (total, terms) if return_terms else total

@@ -8,8 +8,8 @@ import torch
 from torch import Tensor, nn
 
 from . import spec
-from .finish import LossOptions
-from .functional import compute_loss, map_weights
+from .finish import LossOptions, map_weights
+from .functional import compute_loss
 from .params import make_awf_params, make_cat_params
 
 
@@ -28,6 +28,7 @@ class LoMixLoss(nn.Module):
         scheme: str = "lomix",
         ops: Optional[Sequence[str]] = None,
         learn_weights: Optional[bool] = None,
+        weighting: Optional[str] = None,
         ce_weight: float = 0.3,
         dice_weight: float = 0.7,
         dice_squared: bool = True,
@@ -59,8 +60,8 @@ class LoMixLoss(nn.Module):
         self.num_stages, self.num_classes = num_stages, num_classes
         self.scheme, self.awf_param, self.backend = scheme, awf_param, backend
         self.sync_stats, self.validate = sync_stats, validate
-        cfg = spec.resolve_scheme(scheme, num_stages, ops, learn_weights)
-        self.ops, self.learn_weights = cfg.ops, cfg.learn_weights
+        cfg = spec.resolve_scheme(scheme, num_stages, ops, learn_weights, weighting)
+        self.ops, self.weighting, self.learn_weights = cfg.ops, cfg.weighting, cfg.learn_weights
         self.maps = spec.build_maps(num_stages, cfg.originals, cfg.ops)
         if class_weight is not None:
             class_weight = torch.as_tensor(class_weight, dtype=torch.float32)
@@ -75,8 +76,8 @@ class LoMixLoss(nn.Module):
         LossOptions(**self._opts).validate()
 
         M = len(self.maps)
-        if self.learn_weights:
-            self.theta = nn.Parameter(torch.zeros(M))  # w = softplus(0) = ln 2
+        if self.learn_weights:  # θ = 0: w = ln 2 (softplus), 1 (normalized, uncertainty)
+            self.theta = nn.Parameter(torch.zeros(M))
         else:
             self.register_buffer("theta", torch.ones(M))  # fixed weights w = 1
         if "cat" in self.ops:
@@ -95,8 +96,8 @@ class LoMixLoss(nn.Module):
         return [m.name for m in self.maps]
 
     def weights(self) -> Tensor:
-        """(M,) the current map weights w_u (softplus(θ) when learned, else the fixed weights)."""
-        return map_weights(self.theta, self.learn_weights)
+        """(M,) the current effective map weights w_u (see :func:`lomix_kernels.finish.map_weights`)."""
+        return map_weights(self.theta, self.weighting)
 
     def report(self) -> list[dict]:
         """One row per map (name, op, subset, weight, last ℓ/CE/Dice): see :mod:`lomix_kernels.report`."""
@@ -109,14 +110,13 @@ class LoMixLoss(nn.Module):
 
     def forward(self, logits: Sequence[Tensor], target: Tensor, pixel_weight: Optional[Tensor] = None) -> Tensor:
         total, terms = compute_loss(
-            logits, target, pixel_weight, self.weights(), self.maps, self.cat_weight, self.cat_bias,
+            logits, target, pixel_weight, self.theta, self.weighting, self.maps, self.cat_weight, self.cat_bias,
             self.awf_weight, self.awf_bias, self.options(), self.awf_param, self.num_stages, self.num_classes,
             backend=self.backend, validate=self.validate, sync_stats=self.sync_stats)
         self.last_terms = {k: v.detach() for k, v in terms.items()}
-        self.last_terms["weight"] = self.weights().detach()
         return total
 
     def extra_repr(self) -> str:
         return (f"num_stages={self.num_stages}, num_classes={self.num_classes}, scheme={self.scheme!r}, "
-                f"ops={self.ops}, maps={len(self.maps)}, learn_weights={self.learn_weights}, "
+                f"ops={self.ops}, maps={len(self.maps)}, weighting={self.weighting!r}, "
                 f"awf_param={self.awf_param!r}, backend={self.backend!r}")

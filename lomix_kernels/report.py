@@ -74,7 +74,7 @@ class WeightHistory:
         for op, series in self.operator_series().items():
             ax.plot(self.steps, series, label=op)
         ax.set_xlabel("step")
-        ax.set_ylabel("sum of softplus weights")
+        ax.set_ylabel("sum of effective weights w_u")
         ax.set_title("LoMix weights per operator over training")
         ax.legend()
         fig.tight_layout()
@@ -91,7 +91,7 @@ def plot_weights(crit, path: str) -> None:
     fig, ax = plt.subplots(figsize=(max(6, 0.22 * len(rows)), 4))
     ax.bar(range(len(rows)), [r["weight"] for r in rows], color=[colors[r["op"]] for r in rows])
     ax.set_xticks(range(len(rows)), [r["name"] for r in rows], rotation=90, fontsize=7)
-    ax.set_ylabel("softplus weight w_u")
+    ax.set_ylabel(f"effective weight w_u ({crit.weighting})")
     ax.set_ylim(0, 1.3 * max(r["weight"] for r in rows))  # room for the legend
     handles = [plt.Rectangle((0, 0), 1, 1, color=colors[op]) for op in ops]
     ax.legend(handles, ops, ncol=len(ops), fontsize=8)

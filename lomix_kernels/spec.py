@@ -11,6 +11,8 @@ import itertools
 from dataclasses import dataclass
 from typing import Optional, Sequence, Tuple
 
+from .finish import WEIGHTINGS
+
 ALL_OPS = ("add", "mult", "awf", "cat")
 DEFAULT_OPS = ALL_OPS  # the official order: add, mul, wf, concat
 SCHEMES = ("last_layer", "deep_supervision", "mutation", "lomix")
@@ -43,11 +45,15 @@ class MapInfo:
 
 @dataclass(frozen=True)
 class SchemeConfig:
-    """What a scheme resolves to: which originals, which ops, learned or fixed weights."""
+    """What a scheme resolves to: which originals, which ops, and the weighting of the maps."""
 
     originals: Tuple[int, ...]
     ops: Tuple[str, ...]
-    learn_weights: bool
+    weighting: str
+
+    @property
+    def learn_weights(self) -> bool:
+        return self.weighting != "fixed"
 
 
 def resolve_scheme(
@@ -55,8 +61,11 @@ def resolve_scheme(
     num_stages: int,
     ops: Optional[Sequence[str]] = None,
     learn_weights: Optional[bool] = None,
+    weighting: Optional[str] = None,
 ) -> SchemeConfig:
-    """Resolve a preset name plus optional overrides into a :class:`SchemeConfig`."""
+    """Resolve a preset name plus optional overrides into a :class:`SchemeConfig`. The weighting is
+    ``weighting`` if given, else "softplus" when weights are learned (``learn_weights``, or the
+    lomix preset) and "fixed" when not; ``learn_weights`` must agree with an explicit weighting."""
     if scheme not in SCHEMES:
         raise ValueError(f"scheme must be one of {SCHEMES}, got {scheme!r}")
     presets = {
@@ -76,8 +85,15 @@ def resolve_scheme(
         if len(set(ops)) != len(ops):
             raise ValueError(f"ops must not repeat an op, got {ops}")
         preset_ops = ops
-    learn = preset_learn if learn_weights is None else bool(learn_weights)
-    return SchemeConfig(originals=originals, ops=tuple(preset_ops), learn_weights=learn)
+    if weighting is None:
+        learn = preset_learn if learn_weights is None else bool(learn_weights)
+        weighting = "softplus" if learn else "fixed"
+    elif weighting not in WEIGHTINGS:
+        raise ValueError(f"weighting must be one of {WEIGHTINGS}, got {weighting!r}")
+    elif learn_weights is not None and bool(learn_weights) != (weighting != "fixed"):
+        raise ValueError(f"learn_weights={learn_weights} contradicts weighting={weighting!r} "
+                         "(only 'fixed' weights are not learned); give one of the two")
+    return SchemeConfig(originals=originals, ops=tuple(preset_ops), weighting=weighting)
 
 
 def build_maps(num_stages: int, originals: Sequence[int], ops: Sequence[str]) -> list[MapInfo]:

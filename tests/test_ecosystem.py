@@ -29,10 +29,11 @@ class TinyHeads(nn.Module):
 
 
 @needs_cpu
-@pytest.mark.parametrize("backend", ["cpu", "reference"])  # triton: test_triton (on CUDA in the device check)
-def test_compile_no_graph_break_same_results(backend):
+@pytest.mark.parametrize("backend,weighting", [("cpu", "softplus"), ("reference", "softplus"),
+                                               ("cpu", "uncertainty")])  # triton: test_triton
+def test_compile_no_graph_break_same_results(backend, weighting):
     torch.manual_seed(0)
-    model, crit = TinyHeads(), randomize_params(lk.LoMixLoss(3, 4, backend=backend))
+    model, crit = TinyHeads(), randomize_params(lk.LoMixLoss(3, 4, backend=backend, weighting=weighting))
     x, y = torch.randn(2, 3, 16, 16), make_target(4, 2, (16, 16))
 
     def step(x, y):
@@ -94,14 +95,15 @@ def _free_port():
         return s.getsockname()[1]
 
 
-def _ddp_worker(rank, world, port, backend, result_path):
+def _ddp_worker(rank, world, port, backend, weighting, result_path):
     import torch.distributed as dist
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=world)
     torch.set_num_threads(1)
     try:
-        crit = randomize_params(lk.LoMixLoss(3, 4, backend=backend, sync_stats=True, ignore_index=255))
+        crit = randomize_params(lk.LoMixLoss(3, 4, backend=backend, sync_stats=True, ignore_index=255,
+                                             weighting=weighting))
         logits = make_logits(3, 4, 4, (12, 10), native=True)
         target = make_target(4, 4, (12, 10), ignore_index=255)
         local = [z.detach()[rank * 2:(rank + 1) * 2].clone().requires_grad_() for z in logits]
@@ -118,12 +120,15 @@ def _ddp_worker(rank, world, port, backend, result_path):
 
 
 @needs_cpu
-@pytest.mark.parametrize("backend", ["cpu", "reference"])
-def test_ddp_sync_stats_equals_single_process(tmp_path, backend):
+@pytest.mark.parametrize("backend,weighting", [("cpu", "softplus"), ("reference", "softplus"),
+                                               ("cpu", "uncertainty"), ("reference", "normalized")])
+def test_ddp_sync_stats_equals_single_process(tmp_path, backend, weighting):
+    """Every weighting: θ's gradient share per rank sums to the single-process gradient (the
+    uncertainty regularizer's too)."""
     world = 2
     path = str(tmp_path / "ddp")
-    mp.spawn(_ddp_worker, args=(world, _free_port(), backend, path), nprocs=world, join=True)
-    crit = randomize_params(lk.LoMixLoss(3, 4, backend=backend, ignore_index=255))
+    mp.spawn(_ddp_worker, args=(world, _free_port(), backend, weighting, path), nprocs=world, join=True)
+    crit = randomize_params(lk.LoMixLoss(3, 4, backend=backend, ignore_index=255, weighting=weighting))
     logits = make_logits(3, 4, 4, (12, 10), native=True)
     loss, grads, pgrads = run(crit, logits, make_target(4, 4, (12, 10), ignore_index=255))
     for rank in range(world):

@@ -65,7 +65,7 @@ def test_finish_matches_torch_cross_entropy_and_hand_dice(ignore_index):
     crit = lk.LoMixLoss(L, C, scheme="deep_supervision", backend="reference", ignore_index=ignore_index)
     logits = make_logits(L, C, B, sp, requires_grad=False)
     target = make_target(C, B, sp, ignore_index=ignore_index)
-    total, terms = finish(_stats(crit, logits, target), crit.weights(), crit.options(), soft_target=False)
+    total, terms = finish(_stats(crit, logits, target), crit.theta, crit.weighting, crit.options(), soft_target=False)
     valid = target != (ignore_index if ignore_index is not None else -1)
     for u, z in enumerate(logits):
         ce = F.cross_entropy(z, target, ignore_index=-100 if ignore_index is None else ignore_index)
@@ -86,7 +86,7 @@ def test_dice_options_hand_computed(dice_squared, dice_batch, include_background
                         dice_batch=dice_batch, include_background=include_background, smooth_nr=0.1, smooth_dr=0.2)
     logits = make_logits(L, C, B, sp, requires_grad=False)
     target = make_target(C, B, sp)
-    _, terms = finish(_stats(crit, logits, target), crit.weights(), crit.options(), soft_target=False)
+    _, terms = finish(_stats(crit, logits, target), crit.theta, crit.weighting, crit.options(), soft_target=False)
     q = 2 if dice_squared else 1
     for u, z in enumerate(logits):
         s, t = z.softmax(1), F.one_hot(target, C).movedim(-1, 1).float()
