@@ -94,10 +94,14 @@ def reference_stats(
     opts: LossOptions,
     awf_param: str,
 ) -> MapStats:
-    """Materialize every map and reduce it to :class:`MapStats` (M, B, C sums)."""
+    """Materialize every map and reduce it to :class:`MapStats` (M, B, C sums), in the logits' dtype
+    (float64 logits with float32 parameters compute in float64; the parameters' gradients come back
+    in their own dtype through the cast)."""
     z = [upsample(zi, inputs.spatial) for zi in inputs.logits]
     num_classes = z[0].shape[1]
     dtype = z[0].dtype
+    cat_w, cat_b, awf_w, awf_b = (None if ps is None else [p.to(dtype) for p in ps]
+                                  for ps in (cat_w, cat_b, awf_w, awf_b))
     t, omega = target_tensors(inputs, num_classes, opts, dtype)
     per_map = [map_stats(mix(m, z, cat_w, cat_b, awf_w, awf_b, awf_param), t, omega, opts) for m in maps]
     ce, inter, zsum = (torch.stack(x) for x in zip(*per_map))

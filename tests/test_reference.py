@@ -12,7 +12,7 @@ from lomix_kernels.finish import finish
 from lomix_kernels.inputs import Inputs
 from lomix_kernels.reference import mix, reference_stats
 
-from conftest import make_logits, make_target, randomize_params, rel_err
+from conftest import make_logits, make_target, randomize_params, rel_err, run, twin
 from naive import naive_lomix
 
 
@@ -193,3 +193,18 @@ def test_no_host_sync_in_reference_loss(monkeypatch):
 
     monkeypatch.setattr(torch.Tensor, "item", boom)
     crit(logits, target).backward()
+
+
+def test_float64_logits_with_a_default_module():
+    """A default (float32) LoMixLoss given float64 logits computes in float64 (auto -> reference): the
+    same loss as a float64 module, and gradients back to the float32 parameters in their own dtype."""
+    crit = randomize_params(lk.LoMixLoss(3, 3))
+    crit64 = twin(crit, "reference").double()
+    logits = make_logits(3, 3, 2, (7, 6), native=True, dtype=torch.float64)
+    target = make_target(3, 2, (7, 6))
+    loss, grads, pgrads = run(crit, logits, target)
+    loss64, grads64, pgrads64 = run(crit64, logits, target)
+    assert loss.dtype == torch.float64 and abs(float(loss - loss64)) < 1e-12 * abs(float(loss64))
+    assert all(rel_err(g, r) < 1e-12 for g, r in zip(grads, grads64))
+    for name, g in pgrads.items():
+        assert g.dtype == torch.float32 and rel_err(g, pgrads64[name]) < 1e-6, name
