@@ -16,7 +16,7 @@ GPU_PY = $$($(PY) -c "import torch, sys; sys.exit(not torch.cuda.is_available())
 
 .PHONY: setup test test-newest test-triton-oldest test-gpu bench bench-full bench-gpu device-check device-pkgs demo clean
 
-$(STAMP): requirements.txt pyproject.toml setup.py csrc/lomix_cpu.cpp
+$(STAMP): requirements.txt pyproject.toml setup.py csrc/lomix_cpu.cpp csrc/cpu_level.cpp
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --disable-pip-version-check -r requirements.txt
 	$(BIN)/python -m pip install -q --disable-pip-version-check --no-build-isolation -e .

@@ -5,7 +5,7 @@ supervision; the same data, seed and initial network for every run.
 
     python examples/weighting_experiment.py [--steps 300] [--out examples/out]
 
-Records per step the mean effective map weight, the network's gradient norm and the loss, and the
+Records per step the mean and largest effective map weight, the network's gradient norm and the loss, and the
 held-out mean foreground Dice every --eval-every steps. Writes ``weighting.png`` (one row per
 optimizer: mean weight, gradient norm, Dice over steps) and ``weighting.md`` (the final values).
 """
@@ -40,7 +40,7 @@ def train(scheme, weighting, make_opt, data, args):
     crit = lk.LoMixLoss(4, args.classes, scheme=scheme, weighting=weighting)
     opt = make_opt(list(model.parameters()) + list(crit.parameters()))
     g = torch.Generator().manual_seed(1)
-    hist = {"mean_weight": [], "grad_norm": [], "loss": [], "dice_steps": [], "dice": []}
+    hist = {"mean_weight": [], "max_weight": [], "grad_norm": [], "loss": [], "dice_steps": [], "dice": []}
     for step in range(1, args.steps + 1):
         idx = torch.randint(0, len(images), (args.batch,), generator=g)
         loss = crit(model(images[idx]), labels[idx])
@@ -49,7 +49,9 @@ def train(scheme, weighting, make_opt, data, args):
         grads = [p.grad.norm() for p in model.parameters() if p.grad is not None]
         hist["grad_norm"].append(float(torch.stack(grads).norm()))
         opt.step()
-        hist["mean_weight"].append(float(crit.weights().detach().mean()))
+        w = crit.weights().detach()
+        hist["mean_weight"].append(float(w.mean()))
+        hist["max_weight"].append(float(w.max()))
         hist["loss"].append(float(loss.detach()))
         if step % args.eval_every == 0 or step == args.steps:
             dice = dice_per_class(model, *data["test"], args.classes)
@@ -86,14 +88,15 @@ def plot(results, steps, path):
 
 
 def table(results) -> str:
-    lines = ["| optimizer | supervision | mean weight: step 1 → last | network grad norm: first 10 → last 10 steps | "
-             "held-out mean Dice (last) |", "|---|---|---|---|---|"]
+    lines = ["| optimizer | supervision | mean weight: step 1 → last | largest weight (last) | network grad norm: "
+             "first 10 → last 10 steps | held-out mean Dice (last) |", "|---|---|---|---|---|---|"]
     for opt_name, runs in results.items():
         for (scheme, weighting), h in runs.items():
             first, last = h["grad_norm"][:10], h["grad_norm"][-10:]
             g0, g1 = sum(first) / len(first), sum(last) / len(last)
             lines.append(f"| {opt_name} | {label(scheme, weighting)} | {h['mean_weight'][0]:.3g} → "
-                         f"{h['mean_weight'][-1]:.3g} | {g0:.3g} → {g1:.3g} | {h['dice'][-1]:.3f} |")
+                         f"{h['mean_weight'][-1]:.3g} | {h['max_weight'][-1]:.3g} | {g0:.3g} → {g1:.3g} | "
+                         f"{h['dice'][-1]:.3f} |")
     return "\n".join(lines)
 
 

@@ -49,27 +49,70 @@ class _Problem(ctypes.Structure):
     ]
 
 
-def _find_library() -> Optional[str]:
+LEVELS = {"avx512": 4, "avx2": 3, "portable": 0}  # the x86-64 level each variant needs (setup.py)
+ISA_ENV = "LOMIX_CPU_ISA"  # force a variant: avx512 | avx2 | portable | native
+
+
+def _built_variants() -> dict:
+    """{variant: path} of the compiled kernel libraries next to this file (_lomix_cpu_<variant>*.so)."""
     here = os.path.dirname(os.path.abspath(__file__))
-    found = sorted(glob.glob(os.path.join(here, "_lomix_cpu*.so")))
-    return found[0] if found else None
+    out = {}
+    for path in sorted(glob.glob(os.path.join(here, "_lomix_cpu_*.so"))):
+        name = os.path.basename(path)[len("_lomix_cpu_"):].split(".")[0]
+        out.setdefault(name, path)
+    return out
+
+
+def cpu_level() -> int:
+    """This CPU's x86-64 level from cpuid (4: AVX-512, 3: AVX2+FMA, 1: older x86-64, 0: not x86), asked
+    of the baseline-built probe library; -1 when it is missing."""
+    path = _built_variants().get("probe")
+    return int(ctypes.CDLL(path).lomix_cpu_x86_level()) if path else -1
+
+
+def select_variant(built, cpu_level: int, forced: Optional[str]) -> str:
+    """The variant to load: ``forced`` (checked against what was built and what the CPU runs), else the
+    best built one the CPU runs. Raises ValueError saying why not."""
+    if forced:
+        if forced not in built:
+            raise ValueError(f"{ISA_ENV}={forced!r}, but the built variants are {sorted(built)}")
+        if LEVELS.get(forced, 0) > cpu_level:
+            raise ValueError(f"{ISA_ENV}={forced!r} needs x86-64 level {LEVELS[forced]}, this CPU runs level "
+                             f"{cpu_level} (choose one of {[v for v in built if LEVELS.get(v, 99) <= cpu_level]})")
+        return forced
+    usable = [v for v in built if v in LEVELS and LEVELS[v] <= cpu_level]
+    if not usable:
+        raise ValueError(f"no built CPU variant runs here (built: {sorted(built)}, x86-64 level {cpu_level}; "
+                         "the fused CPU kernels need AVX2 and FMA on x86-64)")
+    return max(usable, key=LEVELS.get)
+
+
+def _open(path):
+    lib = ctypes.CDLL(path)
+    lib.lomix_cpu_forward.restype = ctypes.c_int
+    lib.lomix_cpu_backward.restype = ctypes.c_int
+    return lib
 
 
 def _load():
-    """Load the compiled kernels once, at import (keeps dynamo away from ctypes and os.path)."""
-    path = _find_library()
-    if path is None:
-        return None, "the compiled CPU kernels were not found (build them: pip install --no-build-isolation -e .)"
+    """Load the compiled kernels once, at import (keeps dynamo away from ctypes and os.path): ask the
+    most portable build for this CPU's level (cpuid), then load the chosen variant."""
+    built = {k: v for k, v in _built_variants().items() if k != "probe"}
+    if not built:
+        return None, "", "the compiled CPU kernels were not found (build them: pip install --no-build-isolation -e .)"
     try:
-        lib = ctypes.CDLL(path)
-    except OSError as exc:  # pragma: no cover - depends on the build
-        return None, f"could not load {path}: {exc}"
-    lib.lomix_cpu_forward.restype = ctypes.c_int
-    lib.lomix_cpu_backward.restype = ctypes.c_int
-    return lib, ""
+        name = select_variant(built, cpu_level(), os.environ.get(ISA_ENV) or None)
+        return _open(built[name]), name, ""
+    except (OSError, AttributeError, ValueError) as exc:  # pragma: no cover - depends on the build
+        return None, "", f"could not load the CPU kernels: {exc}"
 
 
-_LIB, _LOAD_ERROR = _load()
+_LIB, _VARIANT, _LOAD_ERROR = _load()
+
+
+def variant() -> str:
+    """The instruction-set variant of the loaded kernels ("" when none is loaded)."""
+    return _VARIANT
 
 
 def _library():

@@ -1,4 +1,8 @@
 """Fused CPU backend (csrc/) against the float64 reference: loss, logits grads, parameter grads."""
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
 
@@ -14,6 +18,50 @@ pytestmark = pytest.mark.skipif(not cpu.available(), reason="the CPU kernels mus
 
 def test_build_present():
     assert cpu.available(), cpu.unavailable_reason()
+    forced = os.environ.get(cpu.ISA_ENV)
+    assert cpu.variant() == (forced or max((v for v in cpu._built_variants() if v in cpu.LEVELS),
+                                           key=lambda v: (cpu.LEVELS[v] <= _cpu_level(), cpu.LEVELS[v])))
+
+
+def _cpu_level() -> int:
+    return cpu.cpu_level()
+
+
+def test_select_variant_rules():
+    built = {"avx512": "a", "avx2": "b", "native": "d"}
+    assert cpu.select_variant(built, 4, None) == "avx512"
+    assert cpu.select_variant(built, 3, None) == "avx2"
+    assert cpu.select_variant({"portable": "p"}, 0, None) == "portable"
+    assert cpu.select_variant(built, 3, "native") == "native"  # built for this machine: only when forced
+    with pytest.raises(ValueError, match="need AVX2 and FMA"):
+        cpu.select_variant(built, 1, None)  # a pre-AVX2 x86-64: no variant (auto uses the reference)
+    with pytest.raises(ValueError, match=r"LOMIX_CPU_ISA='avx512' needs x86-64 level 4, this CPU runs level 3"):
+        cpu.select_variant(built, 3, "avx512")
+    with pytest.raises(ValueError, match=r"LOMIX_CPU_ISA='sse9', but the built variants are"):
+        cpu.select_variant(built, 4, "sse9")
+    with pytest.raises(ValueError, match="no built CPU variant runs here"):
+        cpu.select_variant({"avx512": "a"}, 3, None)
+
+
+ATEN_LEVEL = {"avx512": "avx512", "avx2": "avx2"}
+RUNNABLE = [v for v in sorted(cpu._built_variants()) if v != "probe" and cpu.available()
+            and cpu.LEVELS.get(v, 0) <= _cpu_level()]
+
+
+@pytest.mark.skipif(bool(os.environ.get(cpu.ISA_ENV)), reason="already inside a forced-variant run")
+@pytest.mark.parametrize("variant", RUNNABLE)
+def test_every_isa_variant_matches_reference(variant):
+    """Each variant this CPU runs, forced with LOMIX_CPU_ISA in a fresh process: the random
+    configurations against the float64 reference (and test_build_present checks it loaded), with
+    torch at the same level (ATEN_CPU_CAPABILITY), as on a CPU of that level."""
+    env = dict(os.environ, **{cpu.ISA_ENV: variant})
+    if variant in ATEN_LEVEL:
+        env["ATEN_CPU_CAPABILITY"] = ATEN_LEVEL[variant]
+    out = subprocess.run([sys.executable, "-m", "pytest", "-o", "addopts=", "-q", "-x", __file__, "-k",
+                          "build_present or random_configurations or native_resolution_heads"],
+                         capture_output=True, text=True, env=env, cwd=os.path.dirname(__file__), timeout=900)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-2000:]
+    assert " passed" in out.stdout and "failed" not in out.stdout
 
 
 SHAPES = [  # L, C, B, spatial, native heads
