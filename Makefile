@@ -14,7 +14,7 @@ OLDEST_TRITON := 3.6.0
 GPU_PY = $$($(PY) -c "import torch, sys; sys.exit(not torch.cuda.is_available())" 2>/dev/null \
 	&& echo $(PY) || { $(MAKE) -s setup >&2 && echo $(BIN)/python; })
 
-.PHONY: setup test test-newest test-triton-oldest test-gpu bench bench-full bench-gpu device-check device-pkgs demo clean
+.PHONY: setup test test-newest test-triton-oldest test-wheel test-gpu bench bench-full bench-gpu device-check device-pkgs demo clean
 
 $(STAMP): requirements.txt pyproject.toml setup.py csrc/lomix_cpu.cpp csrc/cpu_level.cpp
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -24,7 +24,7 @@ $(STAMP): requirements.txt pyproject.toml setup.py csrc/lomix_cpu.cpp csrc/cpu_l
 
 setup: $(STAMP)
 
-test: test-newest test-triton-oldest  ## the test suite (what .ci/run calls)
+test: test-newest test-triton-oldest test-wheel  ## the test suite (what .ci/run calls)
 
 test-newest: setup  ## every test, with the newest triton
 	$(BIN)/python -m pytest tests
@@ -50,6 +50,13 @@ bench-gpu:  ## triton vs eager / compiled reference on CUDA (time, peak CUDA mem
 OUT ?= device-check-out
 device-check:  ## the one-shot GPU check (~8 min on one H100) into $(OUT); needs CUDA torch + triton in $(PY)
 	$(PY) benchmarks/device_check.py $(OUT)
+
+test-wheel:  ## build a wheel (build isolation), install it into a fresh venv outside the tree, smoke-test it
+	d=$$(mktemp -d) && trap 'rm -rf "$$d"' EXIT && \
+	$(PY) -m pip wheel -q --disable-pip-version-check --no-deps -w "$$d/dist" . && \
+	$(PY) -m venv "$$d/venv" && \
+	"$$d/venv/bin/python" -m pip install -q --disable-pip-version-check torch==2.13.0 "$$d"/dist/*.whl && \
+	cp tests/wheel_smoke.py "$$d/" && cd "$$d" && venv/bin/python wheel_smoke.py
 
 device-pkgs:  ## pytest into .device-pkgs (pure python), for a GPU machine whose python lacks it (carry it there)
 	$(PY) -m pip install -q --disable-pip-version-check --target .device-pkgs pytest

@@ -14,7 +14,6 @@ Writes benchmarks/results/latest.{json,md,png}.
 from __future__ import annotations
 
 import argparse
-import gc
 import json
 import math
 import os
@@ -49,23 +48,6 @@ MEM_LIMIT_GB = 20.0  # leave room for the OS on a 24 GB machine
 
 
 # ------------------------------------------------------------------------------------ worker --
-def _rss_kb(field: str) -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field):
-                return int(line.split()[1])
-    raise RuntimeError(field)
-
-
-def _reset_peak() -> bool:
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        return True
-    except OSError:
-        return False
-
-
 def make_problem(cfg_name: str, scale: float, device: str = "cpu"):
     """A config's inputs (seeded): ``(B, C, L, spatial, heads, logits, target)``, spatial sizes scaled
     by ``scale``; native configs have EMCAD-like heads at 1/32 .. 1/4 (L = 4), else full size."""
@@ -81,53 +63,30 @@ def make_problem(cfg_name: str, scale: float, device: str = "cpu"):
 
 
 def worker(cfg_name: str, impl: str, repeats: int, scale: float, mode: str) -> dict:
+    """One (config, impl) measured by lomix_kernels.bench.measure ("time": median of ``repeats``
+    steps; "mem": peak extra RSS of one step)."""
     import torch
 
     import lomix_kernels as lk
+    from lomix_kernels.bench import measure
 
     B, C, L, spatial, heads, logits, target = make_problem(cfg_name, scale)
-    backend = "cpu" if impl == "cpu" else "reference"
+    backend = "cpu" if impl.startswith("cpu") else "reference"  # "cpu@avx2": a forced ISA variant
     crit = lk.LoMixLoss(L, C, backend=backend, validate=impl != "compiled")
-    fn = torch.compile(crit) if impl == "compiled" else crit
-
-    def step():
-        for z in logits:
-            z.grad = None
-        crit.zero_grad(set_to_none=True)
-        loss = fn(logits, target)
-        loss.backward()
-        return loss
-
-    t0 = time.perf_counter()
-    step()  # warm-up (compiles for "compiled")
-    warm = time.perf_counter() - t0
     out = {"config": cfg_name, "impl": impl, "scale": scale, "B": B, "C": C, "L": L, "spatial": spatial,
-           "heads": heads, "maps": len(crit.map_names), "warmup_s": warm, "threads": torch.get_num_threads(),
-           "logits_mb": sum(z.numel() * z.element_size() for z in logits) / 2 ** 20,
+           "heads": heads, "threads": torch.get_num_threads(),
            "target_mb": target.numel() * target.element_size() / 2 ** 20}
-    if mode == "mem":
-        gc.collect()
-        for z in logits:
-            z.grad = None
-        crit.zero_grad(set_to_none=True)
-        can_reset = _reset_peak()
-        base = _rss_kb("VmRSS:")
-        step()
-        out["peak_extra_mb"] = (_rss_kb("VmHWM:") - base) / 1024 if can_reset else float("nan")
-        return out
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        step()
-        times.append(time.perf_counter() - t0)
-    times.sort()
-    out.update(median_s=times[len(times) // 2], min_s=times[0], max_s=times[-1], repeats=repeats)
+    if backend == "cpu":
+        out["cpu_variant"] = lk.cpu.variant()
+    out.update(measure(crit, logits, target, compiled=impl == "compiled", repeats=repeats, mode=mode))
     return out
 
 
 # ------------------------------------------------------------------------------------ driver --
 def _worker_process(cfg, impl, repeats, scale, mode, timeout):
     env = dict(os.environ)
+    if "@" in impl:  # cpu@<variant>: that ISA variant of the CPU kernels (LOMIX_CPU_ISA)
+        env["LOMIX_CPU_ISA"] = impl.split("@", 1)[1]
     if mode == "mem":
         env.update(MALLOC_MMAP_THRESHOLD_="65536", MALLOC_TRIM_THRESHOLD_="0")
     cmd = [sys.executable, __file__, "--worker", cfg, impl, str(repeats), str(scale), mode]
@@ -211,6 +170,10 @@ def main():
                 print(f"{cfg:18s} {impl:10s} {r['median_s'] * 1e3:9.1f} ms  peak extra {r['peak_extra_mb']:9.1f} MB "
                       f"(logits {r['logits_mb']:.1f} MB, {r['maps']} maps)", flush=True)
     sweep = run_sweeps(args.repeats) if args.sweep else []
+    variants = [r for r in rows if "@" in r["impl"] and "median_s" in r]
+    if variants:  # ISA variants of the CPU kernels, side by side in this run
+        print("\n" + "\n".join(f"{r['config']:18s} {r['impl']:14s} ({r['cpu_variant']}) {r['median_s'] * 1e3:8.1f} ms"
+                                for r in variants))
     table = summarize(rows)
     print("\n" + table)
     stamp = time.strftime("%Y%m%d-%H%M%S")
