@@ -16,8 +16,8 @@ reported and the next one runs:
   d. a real training step (benchmarks/train_step.py): the loss's share of a U-Net optimizer step
      and the step's peak memory;
   e. Nsight Compute on the forward and backward kernels of synapse2d and ct3d-native (raw CSV).
-Writes at most 7 files to OUTDIR, summary.md first and rewritten after every part (so a run cut
-short still leaves what it measured): summary.md, log.txt, tests.txt, gpu.json, gpu.md,
+Writes at most 8 files to OUTDIR, summary.md first and rewritten after every part (so a run cut
+short still leaves what it measured): summary.md, log.txt, tests.txt, gpu.json, gpu.md, gpu.png,
 train_step.json, ncu.csv.
 """
 from __future__ import annotations

@@ -19,7 +19,7 @@ torch.cuda.max_memory_allocated. Floor (SPEC §8): the larger of
   statistics, the backward's recompute, dL/dz and operator adjoints; no padding, no selects) on
   the FP32 lanes (128 per SM per clock) and the exponentials on the SFUs (16 per SM per clock), at
   the SM count and clock torch reports (1.75 GHz when it reports none).
-Writes benchmarks/results/gpu.{json,md}.
+Writes benchmarks/results/gpu.{json,md,png}.
 
 Without CUDA, ``--interpret --scale 0.05`` runs the same script on tiny CPU problems through
 Triton's interpreter (a smoke test of the script; its times mean nothing).
@@ -327,7 +327,22 @@ def write_results(rows, out: Path, name: str, merge: bool = True) -> str:
     print("\n" + table)
     path.write_text(json.dumps({"rows": rows, "stamp": time.strftime("%Y%m%d-%H%M%S")}, indent=1))
     (out / f"{name}.md").write_text(table + "\n")
+    plot(rows, out / f"{name}.png")
     return table
+
+
+def plot(rows, path: Path) -> None:
+    """Time and peak CUDA memory side by side (log scale) per config and impl."""
+    from plots import pyplot, time_memory_axes
+
+    plt = pyplot()
+    if plt is None:
+        return
+    fig, axes = plt.subplots(1, 2, figsize=(13, 4.5))
+    time_memory_axes(axes, rows, [i for i in IMPLS if any(r["impl"] == i for r in rows)], "LoMix loss, GPU")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
 
 
 if __name__ == "__main__":

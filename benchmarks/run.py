@@ -24,6 +24,8 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results"
+sys.path.insert(0, str(HERE))
+from plots import pyplot, time_memory_axes  # noqa: E402  (the pictures of run.py and gpu.py)
 
 CONFIGS = {  # name: (B, C, spatial, L, native)
     "synapse2d": (6, 9, (224, 224), 4, False),
@@ -233,30 +235,16 @@ def run_sweeps(repeats):
 
 
 def plot(rows, sweep, name="latest"):
-    try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        print("matplotlib not installed: no plot")
+    """results/<name>.png: time and peak memory side by side (log scale), and the sweeps if run."""
+    plt = pyplot()
+    if plt is None:
         return
-    ncols = 3 if sweep else 1
-    fig, axes = plt.subplots(1, ncols, figsize=(6 * ncols, 4), squeeze=False)
-    ax = axes[0][0]
-    cfgs = list(dict.fromkeys(r["config"] for r in rows))
-    width = 0.8 / len(IMPLS)
-    for k, impl in enumerate(IMPLS):
-        vals = [next((r.get("median_s", 0) * 1e3 for r in rows if r["config"] == c and r["impl"] == impl), 0)
-                for c in cfgs]
-        ax.bar([i + k * width for i in range(len(cfgs))], vals, width, label=impl)
-    ax.set_xticks([i + width for i in range(len(cfgs))], cfgs, rotation=20)
-    ax.set_ylabel("forward+backward (ms)")
-    ax.set_yscale("log")
-    ax.legend()
-    ax.set_title("LoMix loss, CPU (0 = not run / does not fit)")
+    impls = list(dict.fromkeys(r["impl"] for r in rows))
+    ncols = 4 if sweep else 2
+    fig, axes = plt.subplots(1, ncols, figsize=(6 * ncols, 4.5), squeeze=False)
+    time_memory_axes(axes[0][:2], rows, impls, "LoMix loss, CPU")
     if sweep:
-        for ax, kind, xl in ((axes[0][1], "L", "decoder stages L"), (axes[0][2], "pixels", "pixels")):
+        for ax, kind, xl in ((axes[0][2], "L", "decoder stages L"), (axes[0][3], "pixels", "pixels")):
             for impl in ("cpu", "reference"):
                 pts = [(r["x"], r["median_s"] * 1e3) for r in sweep if r["sweep"] == kind and r.get("impl") == impl
                        and "median_s" in r]
@@ -268,6 +256,7 @@ def plot(rows, sweep, name="latest"):
             ax.legend()
     fig.tight_layout()
     fig.savefig(RESULTS / f"{name}.png", dpi=110)
+    plt.close(fig)
     print(f"wrote {RESULTS / name}.png, .json, .md")
 
 
