@@ -14,7 +14,7 @@ reported and the next one runs:
   c. the GPU table (benchmarks/gpu.py): triton, eager and torch.compile'd reference on the SPEC §8
      configs — time, peak CUDA memory, floor, the autotuner's choice and the kernels' registers/spills;
   d. a real training step (benchmarks/train_step.py): the loss's share of a U-Net optimizer step
-     and the step's peak memory;
+     and the step's peak memory; and `python -m lomix_kernels.bench --quick` (fused, eager) on the device;
   e. Nsight Compute on the forward and backward kernels of synapse2d and ct3d-native (raw CSV).
 Writes at most 8 files to OUTDIR, summary.md first and rewritten after every part (so a run cut
 short still leaves what it measured): summary.md, log.txt, tests.txt, gpu.json, gpu.md, gpu.png,
@@ -310,6 +310,13 @@ def part_train_step(ck: Check, cap: float):
     if not path.exists():
         return ("TIMED OUT" if code is None else "FAILED"), f"```\n{out[-2000:]}\n```"
     rows = json.loads(path.read_text())["rows"]
+    bench_cmd = [sys.executable, "-m", "lomix_kernels.bench", "--quick", "--impls", "fused,reference"]
+    bench_cmd += ["--device", "cpu"] if ck.smoke else []
+    code_b, out_b = ck.run(bench_cmd, 45)  # the users' microbenchmark on this device
+    ck.log(out_b[-2000:])
+    status_b = "timeout" if code_b is None else code_b
+    bench_md = (f"`python -m lomix_kernels.bench --quick --impls fused,reference` (exit {status_b}):\n\n"
+                + "\n".join(ln for ln in out_b.splitlines() if ln.startswith("|")))
     lines = ["| dim | loss | maps | step | loss alone | loss share | step peak memory |", "|---|---|---|---|---|---|---|"]
     for r in rows:
         if "error" in r:
@@ -318,7 +325,7 @@ def part_train_step(ck: Check, cap: float):
         peak = f"{r['step_peak_mb']:.0f} MB" if "step_peak_mb" in r else "—"
         lines.append(f"| {r['dim']}D | {r['loss']} ({r['backend']}) | {r['maps']} | {r['step_ms']:.1f} ms | "
                      f"{r['loss_ms']:.1f} ms | {100 * r['loss_share']:.0f}% | {peak} |")
-    return ("ok" if code == 0 else "PARTIAL"), "\n".join(lines)
+    return ("ok" if code == 0 and code_b == 0 else "PARTIAL"), "\n".join(lines) + "\n\n" + bench_md
 
 
 def part_profiles(ck: Check, cap: float):
