@@ -170,6 +170,14 @@ def find_tool(name: str):
     return None
 
 
+def gpu_tool(ck: "Check", name: str, what: str):
+    """(path, None) of a CUDA command-line tool, or (None, (status, text)) saying why its part is skipped."""
+    if ck.smoke:
+        return None, ("skipped", f"Smoke mode: no GPU, no {what}.")
+    tool = find_tool(name)
+    return (tool, None) if tool else (None, ("skipped", f"{name} not found on PATH or under /usr/local/cuda*/bin."))
+
+
 # ---------------------------------------------------------------------------------------- parts --
 def part_tests(ck: Check, cap: float):
     """a. tests/test_triton.py against the float64 reference, in parallel shards."""
@@ -223,11 +231,9 @@ def part_tests(ck: Check, cap: float):
 
 def part_sanitizer(ck: Check, cap: float):
     """b. compute-sanitizer tools on one small forward+backward per case (2D and 3D, native heads)."""
-    if ck.smoke:
-        return "skipped", "Smoke mode: no GPU, no sanitizer."
-    tool = find_tool("compute-sanitizer")
-    if tool is None:
-        return "skipped", "compute-sanitizer not found on PATH or under /usr/local/cuda*/bin."
+    tool, skip = gpu_tool(ck, "compute-sanitizer", "sanitizer")
+    if skip:
+        return skip
     env = dict(ck.env, LOMIX_TRITON_AUTOTUNE="0")
     deadline = time.perf_counter() + cap
     step = [sys.executable, HERE / "gpu.py", "--step", SANITIZER_CASES, "triton", SANITIZER_SCALE]
@@ -330,11 +336,9 @@ def part_train_step(ck: Check, cap: float):
 
 def part_profiles(ck: Check, cap: float):
     """e. Nsight Compute on the forward and backward kernels (the autotuner's configs from part c)."""
-    if ck.smoke:
-        return "skipped", "Smoke mode: no GPU, no profiler."
-    tool = find_tool("ncu")
-    if tool is None:
-        return "skipped", "ncu not found on PATH or under /usr/local/cuda*/bin."
+    tool, skip = gpu_tool(ck, "ncu", "profiler")
+    if skip:
+        return skip
     chosen = {}
     if (ck.out / "gpu.json").exists():
         for r in json.loads((ck.out / "gpu.json").read_text())["rows"]:

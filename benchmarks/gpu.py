@@ -85,49 +85,21 @@ def kernel_launches(impl: str) -> dict:
 
 
 def worker(cfg_name: str, impl: str, repeats: int, scale: float, max_seconds: float = 1.0) -> dict:
+    """Time (lomix_kernels.bench.measure: at most ``repeats`` steps or ~``max_seconds``), then on CUDA the
+    peak memory of one step and the floor."""
     import torch
 
+    from lomix_kernels.bench import measure
+
     cuda = torch.cuda.is_available()
-    step, crit, logits, target, (B, C, L, spatial, heads) = setup_step(cfg_name, impl, scale)
-
-    def sync():
-        if cuda:
-            torch.cuda.synchronize()
-
-    t0 = time.perf_counter()
-    step()
-    sync()
+    _, crit, logits, target, (B, C, L, spatial, heads) = setup_step(cfg_name, impl, scale)
     out = {"config": cfg_name, "impl": impl, "scale": scale, "spatial": spatial, "heads": heads, "L": L,
-           "maps": len(crit.map_names), "warmup_s": time.perf_counter() - t0,
            "device": torch.cuda.get_device_name() if cuda else "cpu (interpreter)",
-           "logits_mb": sum(z.numel() * z.element_size() for z in logits) / 2 ** 20,
            "target_mb": target.numel() * target.element_size() / 2 ** 20}
-    times = []
-    started = time.perf_counter()
-    while len(times) < repeats and (len(times) < 3 or time.perf_counter() - started < max_seconds):
-        if cuda:
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            step()
-            end.record()
-            end.synchronize()
-            times.append(start.elapsed_time(end) / 1e3)
-        else:
-            t0 = time.perf_counter()
-            step()
-            times.append(time.perf_counter() - t0)
-    times.sort()
-    out.update(median_s=times[len(times) // 2], min_s=times[0], repeats=len(times), **kernel_launches(impl))
+    out.update(measure(crit, logits, target, compiled=impl == "compiled", repeats=repeats, max_seconds=max_seconds))
+    out.update(kernel_launches(impl))
     if cuda:
-        for z in logits:
-            z.grad = None
-        crit.zero_grad(set_to_none=True)
-        torch.cuda.synchronize()
-        base = torch.cuda.memory_allocated()
-        torch.cuda.reset_peak_memory_stats()
-        step()
-        torch.cuda.synchronize()
-        out["peak_extra_mb"] = (torch.cuda.max_memory_allocated() - base) / 2 ** 20
+        out["peak_extra_mb"] = measure(crit, logits, target, compiled=impl == "compiled", mode="mem")["peak_extra_mb"]
         moved = 2 ** 20 * (3 * out["logits_mb"] + 2 * out["target_mb"])
         out["floor_memory_s"] = moved / copy_bandwidth()
         ops, exps = work_per_pixel(crit)

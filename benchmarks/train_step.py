@@ -18,7 +18,6 @@ import argparse
 import json
 import os
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -27,6 +26,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent / "examples"))
 import lomix_kernels as lk  # noqa: E402
 from common import UNet  # noqa: E402  (the examples' U-Net: one place for the network)
+from lomix_kernels.bench import timed  # noqa: E402
 
 PROBLEMS = {  # dim: (B, C, spatial, widths)
     2: (6, 9, (224, 224), (32, 64, 128, 256)),
@@ -40,25 +40,6 @@ LOSSES = {  # name: (scheme, backend) — "fused" is the backend auto picks (tri
 }
 
 
-class Timer:
-    """Wall time of a region: CUDA events on a GPU, perf_counter on the CPU."""
-
-    def __init__(self, cuda: bool):
-        self.cuda = cuda
-
-    def __call__(self, fn) -> float:
-        if self.cuda:
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            fn()
-            end.record()
-            end.synchronize()
-            return start.elapsed_time(end) / 1e3
-        t0 = time.perf_counter()
-        fn()
-        return time.perf_counter() - t0
-
-
 def measure(dim: int, loss_name: str, *, smoke: bool, steps: int, device: str, fused_backend: str) -> dict:
     B, C, spatial, widths = (SMOKE if smoke else PROBLEMS)[dim]
     scheme, backend = LOSSES[loss_name]
@@ -70,7 +51,6 @@ def measure(dim: int, loss_name: str, *, smoke: bool, steps: int, device: str, f
     x = torch.randn(B, 1, *spatial, device=device)
     y = torch.randint(0, C, (B, *spatial), device=device)
     cuda = device == "cuda"
-    timer = Timer(cuda)
 
     def step():
         opt.zero_grad(set_to_none=True)
@@ -87,8 +67,8 @@ def measure(dim: int, loss_name: str, *, smoke: bool, steps: int, device: str, f
     for _ in range(2):  # warm-up: cudnn choices, Triton autotune, allocator
         step()
         loss_only()
-    step_s = sorted(timer(step) for _ in range(steps))[steps // 2]
-    loss_s = sorted(timer(loss_only) for _ in range(steps))[steps // 2]
+    step_s = sorted(timed(step, cuda) for _ in range(steps))[steps // 2]
+    loss_s = sorted(timed(loss_only, cuda) for _ in range(steps))[steps // 2]
     row = {"dim": dim, "loss": loss_name, "backend": backend, "B": B, "C": C, "spatial": spatial,
            "widths": widths, "maps": len(crit.map_names), "step_ms": step_s * 1e3, "loss_ms": loss_s * 1e3,
            "loss_share": loss_s / step_s}

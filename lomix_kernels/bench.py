@@ -62,10 +62,26 @@ def _reset_peak_rss() -> bool:
         return False
 
 
-def measure(crit, logits, target, *, compiled: bool = False, repeats: int = 5, mode: str = "time") -> dict:
+def timed(fn, cuda: bool) -> float:
+    """Seconds one call of ``fn`` takes: CUDA events on a GPU, perf_counter on the CPU."""
+    if cuda:
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        return start.elapsed_time(end) / 1e3
+    t0 = time.perf_counter()
+    fn()
+    return time.perf_counter() - t0
+
+
+def measure(crit, logits, target, *, compiled: bool = False, repeats: int = 5, mode: str = "time",
+            max_seconds: Optional[float] = None) -> dict:
     """One warm-up forward+backward of ``crit`` (compiled with torch.compile if ``compiled``), then
-    ``mode="time"``: the median of ``repeats`` timed steps (CUDA events on a GPU); ``mode="mem"``:
-    the peak extra memory of one step (RSS on CPU, allocated CUDA memory on a GPU), in MB."""
+    ``mode="time"``: the median of ``repeats`` timed steps (fewer, but at least 3, once ``max_seconds``
+    have passed; CUDA events on a GPU); ``mode="mem"``: the peak extra memory of one step (RSS on
+    CPU, allocated CUDA memory on a GPU), in MB."""
     fn = torch.compile(crit) if compiled else crit
     cuda = logits[0].is_cuda
 
@@ -99,21 +115,12 @@ def measure(crit, logits, target, *, compiled: bool = False, repeats: int = 5, m
             step()
             out["peak_extra_mb"] = (_rss_kb("VmHWM:") - base) / 1024 if can_reset else float("nan")
         return out
-    times = []
-    for _ in range(repeats):
-        if cuda:
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            step()
-            end.record()
-            end.synchronize()
-            times.append(start.elapsed_time(end) / 1e3)
-        else:
-            t0 = time.perf_counter()
-            step()
-            times.append(time.perf_counter() - t0)
+    times, started = [], time.perf_counter()
+    while len(times) < repeats and (max_seconds is None or len(times) < 3
+                                    or time.perf_counter() - started < max_seconds):
+        times.append(timed(step, cuda))
     times.sort()
-    out.update(median_s=times[len(times) // 2], min_s=times[0], max_s=times[-1], repeats=repeats)
+    out.update(median_s=times[len(times) // 2], min_s=times[0], max_s=times[-1], repeats=len(times))
     return out
 
 
