@@ -168,11 +168,12 @@ def run_case(cfg, impl, repeats, scale, env, timeout=1200, step=False):
     return json.loads(p.stdout.strip().splitlines()[-1])
 
 
-def warm_caches(configs, impls, scale, env, jobs, cap, log=print):
+def warm_caches(configs, impls, scale, env, jobs, cap, log=print, seconds=None):
     """Compile every Triton tile candidate (pinned one at a time) and every torch.compile'd reference
     into the on-disk caches, ``jobs`` processes at a time, so that the timed runs (one at a time)
-    pay no compile. Returns {config: reason} for the compiled rows whose compile failed or took
-    longer than ``cap`` seconds."""
+    pay no compile. Returns {config: reason} for the compiled rows whose compile failed, took
+    longer than ``cap`` seconds, or did not fit in ``seconds`` for the whole warm-up."""
+    import threading
     from concurrent.futures import ThreadPoolExecutor
 
     from lomix_kernels import triton_backend
@@ -183,10 +184,23 @@ def warm_caches(configs, impls, scale, env, jobs, cap, log=print):
             candidates = triton_backend.CONFIGS_3D if len(CONFIGS[cfg][2]) == 3 else triton_backend.CONFIGS_2D
             tasks += [(cfg, "triton", c) for c in candidates]
 
+    big = threading.Semaphore(2)  # compiled 3D references hold ~10-40 GB each while they run: two at a time
+
+    deadline = None if seconds is None else time.perf_counter() + seconds
+
+    def one(cfg, impl, e):
+        left = cap if deadline is None else min(cap, deadline - time.perf_counter())
+        if left < 5:
+            return {"config": cfg, "impl": impl, "error": "not started: the warm-up's time was up"}
+        return run_case(cfg, impl, 1, scale, e, timeout=left, step=True)
+
     def warm(task):
         cfg, impl, cand = task
         e = dict(env, **({"LOMIX_TRITON_CONFIG": ",".join(map(str, cand))} if cand else {}))
-        return task, run_case(cfg, impl, 1, scale, e, timeout=cap, step=True)
+        if impl == "compiled" and len(CONFIGS[cfg][2]) == 3:
+            with big:
+                return task, one(cfg, impl, e)
+        return task, one(cfg, impl, e)
 
     skipped = {}
     with ThreadPoolExecutor(max_workers=max(1, jobs)) as pool:

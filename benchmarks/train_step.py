@@ -64,9 +64,8 @@ def measure(dim: int, loss_name: str, *, smoke: bool, steps: int, device: str, f
             h.grad = None
         crit(heads, y).backward()
 
-    for _ in range(2):  # warm-up: cudnn choices, Triton autotune, allocator
-        step()
-        loss_only()
+    step()  # warm-up: cudnn choices, Triton autotune, allocator
+    loss_only()
     step_s = sorted(timed(step, cuda) for _ in range(steps))[steps // 2]
     loss_s = sorted(timed(loss_only, cuda) for _ in range(steps))[steps // 2]
     row = {"dim": dim, "loss": loss_name, "backend": backend, "B": B, "C": C, "spatial": spatial,
@@ -108,9 +107,9 @@ def main():
                 torch.cuda.empty_cache()
             rows.append(row)
             print(json.dumps(row), flush=True)
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps({"device": torch.cuda.get_device_name() if cuda else "cpu",
-                                          "rows": rows}, indent=1))
+            Path(args.out).parent.mkdir(parents=True, exist_ok=True)  # after every row: a cut-short run keeps them
+            Path(args.out).write_text(json.dumps({"device": torch.cuda.get_device_name() if cuda else "cpu",
+                                                  "rows": rows}, indent=1))
 
 
 if __name__ == "__main__":
