@@ -26,7 +26,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent / "examples"))
 import lomix_kernels as lk  # noqa: E402
 from common import UNet  # noqa: E402  (the examples' U-Net: one place for the network)
-from lomix_kernels.bench import timed  # noqa: E402
+from lomix_kernels.bench import peak_extra_mb, timed  # noqa: E402
 
 PROBLEMS = {  # dim: (B, C, spatial, widths)
     2: (6, 9, (224, 224), (32, 64, 128, 256)),
@@ -74,12 +74,7 @@ def measure(dim: int, loss_name: str, *, smoke: bool, steps: int, device: str, f
     if cuda:
         del heads
         opt.zero_grad(set_to_none=True)
-        torch.cuda.synchronize()
-        base = torch.cuda.memory_allocated()
-        torch.cuda.reset_peak_memory_stats()
-        step()
-        torch.cuda.synchronize()
-        row["step_peak_mb"] = (torch.cuda.max_memory_allocated() - base) / 2 ** 20
+        row["step_peak_mb"] = peak_extra_mb(step, cuda)
     return row
 
 

@@ -76,6 +76,22 @@ def timed(fn, cuda: bool) -> float:
     return time.perf_counter() - t0
 
 
+def peak_extra_mb(fn, cuda: bool) -> float:
+    """MB that one call of ``fn`` needs beyond what was allocated before it: allocated CUDA memory on a
+    GPU, the process's RSS on the CPU (Linux; NaN where the peak cannot be reset)."""
+    if cuda:
+        torch.cuda.synchronize()
+        base = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        fn()
+        torch.cuda.synchronize()
+        return (torch.cuda.max_memory_allocated() - base) / 2 ** 20
+    can_reset = _reset_peak_rss()
+    base = _rss_kb("VmRSS:")
+    fn()
+    return (_rss_kb("VmHWM:") - base) / 1024 if can_reset else float("nan")
+
+
 def measure(crit, logits, target, *, compiled: bool = False, repeats: int = 5, mode: str = "time",
             max_seconds: Optional[float] = None) -> dict:
     """One warm-up forward+backward of ``crit`` (compiled with torch.compile if ``compiled``), then
@@ -102,18 +118,7 @@ def measure(crit, logits, target, *, compiled: bool = False, repeats: int = 5, m
         for z in logits:
             z.grad = None
         crit.zero_grad(set_to_none=True)
-        if cuda:
-            torch.cuda.synchronize()
-            base = torch.cuda.memory_allocated()
-            torch.cuda.reset_peak_memory_stats()
-            step()
-            torch.cuda.synchronize()
-            out["peak_extra_mb"] = (torch.cuda.max_memory_allocated() - base) / 2 ** 20
-        else:
-            can_reset = _reset_peak_rss()
-            base = _rss_kb("VmRSS:")
-            step()
-            out["peak_extra_mb"] = (_rss_kb("VmHWM:") - base) / 1024 if can_reset else float("nan")
+        out["peak_extra_mb"] = peak_extra_mb(step, cuda)
         return out
     times, started = [], time.perf_counter()
     while len(times) < repeats and (max_seconds is None or len(times) < 3
