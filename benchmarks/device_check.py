@@ -184,14 +184,11 @@ def gpu_tool(ck: "Check", name: str, what: str):
 def part_tests(ck: Check, cap: float):
     """a. tests/test_triton.py against the float64 reference, in parallel shards."""
     env = dict(ck.env, LOMIX_TRITON_AUTOTUNE="0")
-    select = ["-k", "not compile_for_h100"]
-    shards = 1
     if ck.smoke:
-        select = ["-k", "test_pinned_config_is_checked or test_deterministic"]
-        shards = 2
+        select, shards = ["-k", "test_pinned_config_is_checked or test_deterministic"], 2
     else:
         env["LOMIX_TRITON_ON_GPU"] = "1"
-        shards = max(1, min(8, (os.cpu_count() or 2) // 2))
+        select, shards = ["-k", "not compile_for_h100"], max(1, min(8, (os.cpu_count() or 2) // 2))
     procs = []
     logs = []
     for i in range(shards):
