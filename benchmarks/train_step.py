@@ -34,8 +34,8 @@ PROBLEMS = {  # dim: (B, C, spatial, widths)
 }
 SMOKE = {2: (1, 3, (16, 16), (4, 8, 16)), 3: (1, 2, (8, 8, 8), (4, 8))}
 LOSSES = {  # name: (scheme, backend) — "fused" is the backend auto picks (triton on CUDA, cpu on CPU)
-    "lomix-reference": ("lomix", "reference"),
     "lomix-fused": ("lomix", "fused"),
+    "lomix-reference": ("lomix", "reference"),
     "deep_supervision": ("deep_supervision", "reference"),
 }
 

@@ -66,3 +66,38 @@ def test_targets_pass_and_miss():
             {"config": "x", "impl": "compiled", "median_s": 4.0},
             {"config": "y", "impl": "triton", "error": "exit 1"}]
     assert device_check.targets(rows) == ["- x: 25.0× vs reference PASS; 4.0× vs compiled MISS; floor/triton 0.60 PASS"]
+
+
+def test_table_columns_follow_the_impl_not_the_timing_order():
+    import gpu
+
+    rows = [{"config": "x", "impl": "triton", "median_s": 0.002, "peak_extra_mb": 5.0, "maps": 3},
+            {"config": "x", "impl": "reference", "median_s": 0.010, "peak_extra_mb": 50.0},
+            {"config": "x", "impl": "compiled", "error": "timed out after 26s"}]
+    line = gpu.summarize(rows).splitlines()[2]
+    assert line.startswith("| x | 3 | 10.00 ms | timed out | 2.00 ms | 5.0x | n/a |"), line
+    assert line.endswith("| 50 MB | — | 5 MB |"), line
+    assert gpu.IMPLS[0] == "triton"  # timed first: a tight budget cuts the compiled rows, never triton's
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--cap", "c"], "--cap expects PART=SECONDS"),
+    (["--cap", "z=10"], "--cap expects PART=SECONDS"),
+    (["--impls", "triton,eager"], "--impls expects a comma-separated subset"),
+])
+def test_bad_options_are_named(tmp_path, capsys, argv, message):
+    with pytest.raises(SystemExit) as exc:
+        device_check.main([str(tmp_path / "out"), "--smoke", "--parts", "b", *argv])
+    assert exc.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_cap_and_impls_options_reach_the_parts(tmp_path, monkeypatch):
+    seen = {}
+
+    def record(ck, cap):
+        seen["cap"], seen["plan"] = cap, ck.table_plan()
+        return "ok", "recorded"
+
+    monkeypatch.setitem(device_check.PART_FUNCS, "e", record)
+    assert device_check.main([str(tmp_path), "--parts", "e", "--cap", "e=7", "--impls", "triton,reference"]) == 0
+    assert seen["cap"] == 7.0 and seen["plan"][1] == ["triton", "reference"]
