@@ -11,6 +11,9 @@ import lomix_kernels as lk
 here = os.path.dirname(os.path.abspath(lk.__file__))
 assert "site-packages" in here, f"imported from {here}, not from the installed wheel"
 assert lk.cpu.available(), lk.cpu.unavailable_reason()
+integrations = os.path.join(here, "integrations")  # shipped, though only importable with the frameworks
+assert all(os.path.isfile(os.path.join(integrations, f)) for f in ("__init__.py", "nnunet.py", "monai.py")), \
+    os.listdir(here)
 torch.manual_seed(0)
 crit = lk.LoMixLoss(3, 4, backend="cpu")
 ref = lk.LoMixLoss(3, 4, backend="reference").double()
