@@ -17,7 +17,7 @@ GPU_PY = $$($(PY) -c "import torch, sys; sys.exit(not torch.cuda.is_available())
 .PHONY: setup test test-newest test-triton-oldest test-wheel test-gpu bench bench-full bench-gpu device-check device-pkgs demo clean
 
 $(STAMP): requirements.txt requirements-integrations.txt requirements-integrations-nodeps.txt pyproject.toml setup.py \
-		csrc/lomix_cpu.cpp csrc/cpu_level.cpp
+		csrc/lomix_cpu.cpp csrc/cpu_level.cpp $(wildcard csrc/*.h)
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --disable-pip-version-check -r requirements.txt
 	$(BIN)/python -m pip install -q --disable-pip-version-check -c requirements.txt -r requirements-integrations.txt

@@ -15,6 +15,7 @@ picked automatically — force it with LOMIX_CPU_ISA=native).
   linker would keep one copy, compiled for whichever ISA came first.
 """
 import os
+from pathlib import Path
 import platform
 
 from setuptools import Extension, setup
@@ -50,8 +51,11 @@ class BuildVariants(build_ext):
         return []  # a ctypes library: no PyInit_ symbol
 
 
+HEADERS = sorted(str(p) for p in Path("csrc").glob("*.h"))  # one translation unit: the .cpp includes them
+
 setup(
     ext_modules=[Extension("lomix_kernels._lomix_cpu_probe", sources=["csrc/cpu_level.cpp"], language="c++")]
-    + [Extension(f"lomix_kernels._lomix_cpu_{v}", sources=["csrc/lomix_cpu.cpp"], language="c++") for v in VARIANTS],
+    + [Extension(f"lomix_kernels._lomix_cpu_{v}", sources=["csrc/lomix_cpu.cpp"], depends=HEADERS, language="c++")
+       for v in VARIANTS],
     cmdclass={"build_ext": BuildVariants},
 )

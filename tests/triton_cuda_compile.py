@@ -49,14 +49,37 @@ def compile_launch(kernel, args, constexprs, arch):
         signature[name] = "constexpr"
     compiled = triton.compile(ASTSource(kernel, signature, constexprs), target=GPUTarget("cuda", arch, 32),
                               options={"num_warps": num_warps})
-    with tempfile.NamedTemporaryFile("w", suffix=".ptx", delete=False) as f:
-        f.write(compiled.asm["ptx"])
-    out = subprocess.run([get_ptxas(arch).path, f"--gpu-name=sm_{arch}a" if arch >= 90 else f"--gpu-name=sm_{arch}",
-                          "-v", f.name, "-o", os.devnull], capture_output=True, text=True)
-    os.unlink(f.name)
-    used = re.search(r"Used (\d+) registers", out.stderr)
-    spill = re.search(r"(\d+) bytes spill stores", out.stderr)
-    return f"{used.group(1) if used else '?'} regs, {spill.group(1) if spill else '?'} B spill stores"
+    with tempfile.TemporaryDirectory() as tmp:
+        ptx, cubin = os.path.join(tmp, "k.ptx"), os.path.join(tmp, "k.cubin")
+        with open(ptx, "w") as f:
+            f.write(compiled.asm["ptx"])
+        out = subprocess.run([get_ptxas(arch).path, f"--gpu-name=sm_{arch}a" if arch >= 90 else f"--gpu-name=sm_{arch}",
+                              "-v", ptx, "-o", cubin], capture_output=True, text=True)
+        used = re.search(r"Used (\d+) registers", out.stderr)
+        spill = re.search(r"(\d+) bytes spill stores", out.stderr)
+        info = f"{used.group(1) if used else '?'} regs, {spill.group(1) if spill else '?'} B spill stores"
+        if SASS and os.path.exists(cubin):
+            info += "\n    " + sass_histogram(cubin)
+    return info
+
+
+SASS = False  # --sass: also the kernels' static instruction mix
+
+
+def sass_histogram(cubin: str) -> str:
+    """The static SASS instruction mix of a cubin by class (cuobjdump ships with triton): where a kernel's
+    instructions go — reductions (shuffles, barriers, shared memory), FP32 math, SFU, memory, control."""
+    tool = os.path.join(os.path.dirname(get_ptxas(90).path), "cuobjdump")
+    text = subprocess.run([tool, "-sass", cubin], capture_output=True, text=True).stdout
+    ops = re.findall(r"/\*[0-9a-f]{4,}\*/\s+(?:@!?U?P\w+\s+)?([A-Z][A-Z0-9_]*)", text)
+    classes = {"shuffle": ("SHFL",), "barrier": ("BAR", "WARPSYNC"), "shared": ("LDS", "STS"),
+               "fp32": ("FADD", "FMUL", "FFMA", "FMNMX", "FSETP", "FSEL"), "sfu": ("MUFU",),
+               "global": ("LDG", "STG", "ATOM", "RED"), "local (spill)": ("LDL", "STL"),
+               "int/select": ("IADD3", "IMAD", "ISETP", "SEL", "LOP3", "SHF", "LEA", "MOV", "IABS", "IMNMX"),
+               "control": ("BRA", "BSYNC", "BSSY", "EXIT", "CALL", "RET")}
+    counts = {k: sum(1 for op in ops if op.split(".")[0] in v) for k, v in classes.items()}
+    counts["other"] = len(ops) - sum(counts.values())
+    return f"{len(ops)} SASS instructions: " + ", ".join(f"{k} {v}" for k, v in counts.items())
 
 
 def install_compile_hooks(arch):
@@ -102,7 +125,10 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--arch", type=int, default=90, help="CUDA compute capability x10 (90: H100/H200)")
     ap.add_argument("--quick", action="store_true", help="only the L=4 2D and 3D problems, default configs")
+    ap.add_argument("--sass", action="store_true", help="also each kernel's static SASS instruction mix")
     args = ap.parse_args()
+    global SASS
+    SASS = args.sass
     install_compile_hooks(args.arch)
     for kwargs, dtype, kind, weighted, spatial, configs in problems(args.quick):
         L, C, B = kwargs["num_stages"], kwargs["num_classes"], 2

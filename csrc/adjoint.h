@@ -1,0 +1,167 @@
+// The backward's adjoints: dL/dz of a map from the statistic gradients, and its push through
+// the map's operator into stage gradients and parameter partials.
+#pragma once
+
+#include "layout.h"
+
+namespace {
+
+// dL/dz_u (C×TP) into tl.g from the statistic gradients of map u, sample b (C each).
+void map_grad(const Problem& pr, Tile& tl, const float* gce, const float* gi, const float* gz) {
+  const int C = (int)pr.classes;
+  const float* s = tl.s.data();
+  const float* __restrict t = tl.t.data();
+  float* __restrict g = tl.g.data();
+  const float* __restrict w = tl.w;
+  const float qf = (float)pr.q;
+  if (pr.sigmoid) {
+    for (int c = 0; c < C; ++c) {
+      const float* __restrict sr = s + (size_t)c * TP;
+      const float* __restrict tr = t + (size_t)c * TP;
+      float* __restrict gr = g + (size_t)c * TP;
+      const float gic = gi[c], gzc = gz[c], gcec = gce[c];
+      for (int p = 0; p < TP; ++p) {
+        const float gs = gic * tr[p] + gzc * (pr.q == 2 ? qf * sr[p] : 1.0f);
+        gr[p] = w[p] * (gs * sr[p] * (1.0f - sr[p]) + gcec * (sr[p] - tr[p]));
+      }
+    }
+    return;
+  }
+  float dot[TP], a[TP];
+  const float* __restrict inv = tl.inv;
+  float* __restrict sw = tl.s.data();  // normalized here, in place
+  for (int p = 0; p < TP; ++p) { dot[p] = 0.0f; a[p] = 0.0f; }
+  for (int c = 0; c < C; ++c) {
+    float* __restrict sr = sw + (size_t)c * TP;
+    const float* __restrict tr = t + (size_t)c * TP;
+    float* __restrict gr = g + (size_t)c * TP;
+    const float gic = gi[c], gzc = gz[c], gcec = gce[c];
+    for (int p = 0; p < TP; ++p) {
+      const float sv = sr[p] * inv[p];
+      sr[p] = sv;
+      const float gs = gic * tr[p] + gzc * (pr.q == 2 ? qf * sv : 1.0f);
+      gr[p] = gs;
+      dot[p] += gs * sv;
+      a[p] += gcec * tr[p];
+    }
+  }
+  for (int c = 0; c < C; ++c) {
+    const float* __restrict sr = s + (size_t)c * TP;
+    const float* __restrict tr = t + (size_t)c * TP;
+    float* __restrict gr = g + (size_t)c * TP;
+    const float gcec = gce[c];
+    for (int p = 0; p < TP; ++p)
+      gr[p] = w[p] * (sr[p] * (gr[p] - dot[p] + a[p]) - gcec * tr[p]);
+  }
+}
+
+// Push tl.g (dL/dz_u) through the operator of map u into tl.gx and the parameter partials.
+// dparams: one float partial per packed parameter (per thread, flushed to double by the caller).
+void op_backward(const Problem& pr, const Layout& ly, int u, Tile& tl, float* dparams) {
+  const int C = ly.C;
+  const int op = pr.map_op[u], arg = pr.map_arg[u];
+  const float* __restrict g = tl.g.data();
+  if (op == OP_ORIG) {
+    float* __restrict gx = tl.gxs(arg, 0);
+    for (int e = 0; e < C * TP; ++e) gx[e] += g[e];
+    return;
+  }
+  const int k = pr.subset_size[arg];
+  const int32_t* mem = pr.subset_members + ly.sub_start[arg];
+  const int K = k * C;
+  switch (op) {
+    case OP_ADD:
+      for (int j = 0; j < k; ++j) {
+        float* __restrict gx = tl.gxs(mem[j], 0);
+        for (int e = 0; e < C * TP; ++e) gx[e] += g[e];
+      }
+      break;
+    case OP_MULT:
+      for (int j = 0; j < k; ++j) {  // d/dz_j = g · Π_{i≠j} z_i (no division)
+        float* __restrict gx = tl.gxs(mem[j], 0);
+        float* __restrict tmp = tl.z.data();
+        std::memcpy(tmp, g, sizeof(float) * C * TP);
+        for (int i = 0; i < k; ++i) {
+          if (i == j) continue;
+          const float* __restrict xi = tl.xs(mem[i], 0);
+          for (int e = 0; e < C * TP; ++e) tmp[e] *= xi[e];
+        }
+        for (int e = 0; e < C * TP; ++e) gx[e] += tmp[e];
+      }
+      break;
+    case OP_CAT: {
+      const float* W = pr.cat_w + ly.cat_w_off[arg];
+      float* dW = dparams + ly.cat_w_off[arg];
+      float* db = dparams + ly.cat_w_n + ly.cat_b_off[arg];
+      for (int c = 0; c < C; ++c) {
+        const Row grow = row_load(g + (size_t)c * TP);  // held in registers across the K dot products
+        db[c] += hsum(row_sum(grow));
+        float* dWc = dW + (size_t)c * K;
+        for (int q0 = 0; q0 < K; q0 += VW) {  // VW (member, class) columns at a time
+          const int nq = std::min(VW, K - q0);
+          vf acc[VW];
+          for (int q = 0; q < VW; ++q)
+            acc[q] = q < nq ? row_dot(grow, tl.xs(mem[(q0 + q) / C], (q0 + q) % C)) : vf{};
+          const vf sums = reduce_lanes(acc);
+          for (int q = 0; q < nq; ++q) dWc[q0 + q] += sums[q];
+        }
+      }
+      for (int j = 0; j < k; ++j)
+        for (int c2 = 0; c2 < C; ++c2) {
+          float* gx = tl.gxs(mem[j], c2);
+          Row acc = row_load(gx);
+          for (int c = 0; c < C; ++c) row_fma(acc, W[(size_t)c * K + j * C + c2], g + (size_t)c * TP);
+          row_store(gx, acc);
+        }
+      break;
+    }
+    case OP_AWF: {
+      const float* V = pr.awf_v + ly.awf_v_off[arg];
+      float* dV = dparams + ly.cat_w_n + ly.cat_b_n + ly.awf_v_off[arg];
+      float* dc = dparams + ly.cat_w_n + ly.cat_b_n + ly.awf_v_n + ly.awf_c_off[arg];
+      const float* __restrict al = tl.alpha.data();
+      float* __restrict da = tl.dalpha.data();
+      for (int j = 0; j < k; ++j) {  // dz_{s_j} += α_j g ; dα_j = <g, z_{s_j}>
+        float* __restrict dar = da + (size_t)j * TP;
+        const float* __restrict ar = al + (size_t)j * TP;
+        for (int p = 0; p < TP; ++p) dar[p] = 0.0f;
+        for (int c = 0; c < C; ++c) {
+          const float* __restrict gr = g + (size_t)c * TP;
+          const float* __restrict xr = tl.xs(mem[j], c);
+          float* __restrict gx = tl.gxs(mem[j], c);
+          for (int p = 0; p < TP; ++p) {
+            gx[p] += ar[p] * gr[p];
+            dar[p] += gr[p] * xr[p];
+          }
+        }
+      }
+      float dot[TP];  // da = α ⊙ (dα − <α, dα>)
+      for (int p = 0; p < TP; ++p) dot[p] = 0.0f;
+      for (int j = 0; j < k; ++j)
+        for (int p = 0; p < TP; ++p) dot[p] += al[(size_t)j * TP + p] * da[(size_t)j * TP + p];
+      for (int j = 0; j < k; ++j)
+        for (int p = 0; p < TP; ++p) da[(size_t)j * TP + p] = al[(size_t)j * TP + p] * (da[(size_t)j * TP + p] - dot[p]);
+      for (int r = 0; r < k; ++r) {
+        const Row darow = row_load(da + (size_t)r * TP);
+        dc[r] += hsum(row_sum(darow));
+        for (int j = 0; j < k; ++j) {
+          if (pr.awf_block_diagonal && j != r) continue;
+          for (int c2 = 0; c2 < C; ++c2) dV[(size_t)r * K + j * C + c2] += hsum(row_dot(darow, tl.xs(mem[j], c2)));
+        }
+      }
+      for (int j = 0; j < k; ++j)
+        for (int c2 = 0; c2 < C; ++c2) {
+          float* gx = tl.gxs(mem[j], c2);
+          Row acc = row_load(gx);
+          for (int r = 0; r < k; ++r) {
+            if (pr.awf_block_diagonal && j != r) continue;
+            row_fma(acc, V[(size_t)r * K + j * C + c2], da + (size_t)r * TP);
+          }
+          row_store(gx, acc);
+        }
+      break;
+    }
+  }
+}
+
+}  // namespace

@@ -1,0 +1,155 @@
+// Loading a tile: every stage at the tile's pixels, read in place or interpolated on the fly
+// (bilinear / trilinear, align_corners=False), and the target and pixel weights.
+#pragma once
+
+#include "layout.h"
+
+namespace {
+
+// ---- fused upsampling (bilinear / trilinear, align_corners=False, as F.interpolate) ----------
+// Per stage and axis, for every output coordinate: the two source indices and their weights,
+// computed exactly as PyTorch's CPU kernel does (float math, src = max(scale·(dst+0.5) − 0.5, 0)).
+struct Axis { std::vector<int32_t> i0, i1; std::vector<float> l0, l1; };
+struct Stage {
+  bool resampled = false;
+  int64_t size[3] = {1, 1, 1};
+  int64_t pixels = 1;              // native pixels per sample
+  Axis axis[3];
+};
+std::vector<Stage> make_stages(const Problem& pr) {
+  std::vector<Stage> st(pr.num_stages);
+  for (int i = 0; i < pr.num_stages; ++i) {
+    Stage& S = st[i];
+    S.pixels = 1;
+    for (int a = 0; a < 3; ++a) {
+      const int64_t in = pr.stage_size[3 * i + a], out = pr.out_size[a];
+      S.size[a] = in;
+      S.pixels *= in;
+      S.resampled |= in != out;
+      Axis& ax = S.axis[a];
+      ax.i0.resize(out); ax.i1.resize(out); ax.l0.resize(out); ax.l1.resize(out);
+      const float scale = (float)in / (float)out;
+      for (int64_t o = 0; o < out; ++o) {
+        if (in == out) { ax.i0[o] = ax.i1[o] = (int32_t)o; ax.l0[o] = 1.0f; ax.l1[o] = 0.0f; continue; }
+        float src = scale * ((float)o + 0.5f) - 0.5f;
+        src = src < 0.0f ? 0.0f : src;
+        const int64_t j0 = (int64_t)src;
+        const float l1 = std::min(std::max(src - (float)j0, 0.0f), 1.0f);
+        ax.i0[o] = (int32_t)j0;
+        ax.i1[o] = (int32_t)(j0 + (j0 < in - 1 ? 1 : 0));
+        ax.l1[o] = l1;
+        ax.l0[o] = 1.0f - l1;
+      }
+    }
+  }
+  return st;
+}
+
+// Corner indices (native flat, within a sample) and weights of output pixels q0 .. q0+n−1.
+int corners(const Problem& pr, const Stage& S, int64_t q0, int n, Tile& tl) {
+  const int64_t H = pr.out_size[1], W = pr.out_size[2];
+  const int K = pr.spatial_rank == 3 ? 8 : 4;
+  for (int p = 0; p < n; ++p) {
+    const int64_t q = q0 + p;
+    const int64_t od = q / (H * W), oh = (q / W) % H, ow = q % W;
+    const Axis &ad = S.axis[0], &ah = S.axis[1], &aw = S.axis[2];
+    const int64_t d[2] = {ad.i0[od], ad.i1[od]}, h[2] = {ah.i0[oh], ah.i1[oh]}, w[2] = {aw.i0[ow], aw.i1[ow]};
+    const float ld[2] = {ad.l0[od], ad.l1[od]}, lh[2] = {ah.l0[oh], ah.l1[oh]}, lw[2] = {aw.l0[ow], aw.l1[ow]};
+    for (int k = 0; k < K; ++k) {
+      const int bd = (k >> 2) & 1, bh = (k >> 1) & 1, bw = k & 1;
+      tl.cidx[p][k] = (d[bd] * S.size[1] + h[bh]) * S.size[2] + w[bw];
+      tl.cw[p][k] = ld[bd] * (lh[bh] * lw[bw]);
+    }
+  }
+  return K;
+}
+
+// Load logits, target and pixel weights of tile [p0, p0 + n) of sample b into `tl`.
+// Resampled stages are interpolated on the fly from their native resolution.
+// Pads the tail with zeros (w = 0). Reports the first bad value in `err` when `check`.
+void load_tile(const Problem& pr, const std::vector<Stage>& stages, int64_t b, int64_t p0, int n, Tile& tl,
+               bool check, ItemError& err) {
+  const int L = pr.num_stages, C = (int)pr.classes;
+  const int64_t P = pr.pixels;
+  tl.n = n;
+  for (int i = 0; i < L; ++i) {
+    const Stage& S = stages[i];
+    const int K = S.resampled ? corners(pr, S, p0, n, tl) : 0;
+    for (int c = 0; c < C; ++c) {
+      float* dst = tl.xs(i, c);
+      if (S.resampled) {
+        const int64_t base = (b * C + c) * S.pixels;
+        for (int p = 0; p < n; ++p) {
+          float v = 0.0f;
+          for (int k = 0; k < K; ++k) v += tl.cw[p][k] * load_one(pr.logit_dtype, pr.logits[i], base + tl.cidx[p][k]);
+          dst[p] = v;
+        }
+      } else {
+        const int64_t off = (b * C + c) * P + p0;
+        switch (pr.logit_dtype) {
+          case DT_F32: { const float* src = (const float*)pr.logits[i] + off; for (int p = 0; p < n; ++p) dst[p] = src[p]; break; }
+          case DT_F16: { const uint16_t* src = (const uint16_t*)pr.logits[i] + off; for (int p = 0; p < n; ++p) dst[p] = half_to_float(src[p]); break; }
+          default:     { const uint16_t* src = (const uint16_t*)pr.logits[i] + off; for (int p = 0; p < n; ++p) dst[p] = bf16_to_float(src[p]); break; }
+        }
+      }
+      for (int p = n; p < TP; ++p) dst[p] = 0.0f;
+      if (check && err.code == ERR_NONE) {
+        int bad = 0;
+        for (int p = 0; p < n; ++p) bad |= !(dst[p] - dst[p] == 0.0f);
+        if (bad) { err.code = ERR_LOGIT; err.value = i; }
+      }
+    }
+  }
+  if (pr.target_kind == TK_SOFT_F32) {
+    for (int c = 0; c < C; ++c) {
+      const float* src = (const float*)pr.target + (b * C + c) * P + p0;
+      float* dst = &tl.t[(size_t)c * TP];
+      int bad = 0;
+      for (int p = 0; p < n; ++p) {
+        dst[p] = src[p];
+        bad |= !(src[p] >= 0.0f && src[p] - src[p] == 0.0f) || (pr.sigmoid && src[p] > 1.0f);
+      }
+      for (int p = n; p < TP; ++p) dst[p] = 0.0f;
+      if (check && bad && err.code == ERR_NONE) err.code = ERR_SOFT;
+    }
+    for (int p = 0; p < TP; ++p) tl.w[p] = p < n ? 1.0f : 0.0f;
+  } else {
+    int64_t y[TP];
+    const int64_t off = b * P + p0;
+    switch (pr.target_kind) {
+      case TK_U8:  load_labels((const uint8_t*)pr.target + off, n, y); break;
+      case TK_I16: load_labels((const int16_t*)pr.target + off, n, y); break;
+      case TK_I32: load_labels((const int32_t*)pr.target + off, n, y); break;
+      default:     load_labels((const int64_t*)pr.target + off, n, y); break;
+    }
+    for (int p = n; p < TP; ++p) y[p] = 0;
+    for (int p = 0; p < TP; ++p) {
+      const bool ignored = p >= n || (pr.has_ignore && y[p] == pr.ignore_index);
+      if (!ignored && (y[p] < 0 || y[p] >= pr.num_labels)) {
+        if (check && err.code == ERR_NONE) { err.code = ERR_CLASS; err.value = y[p]; }
+        y[p] = 0;
+      }
+      tl.w[p] = ignored ? 0.0f : 1.0f;
+      if (ignored) y[p] = -1;
+    }
+    if (pr.num_labels != C) {  // binary sigmoid: the label itself is the target of the one channel
+      for (int p = 0; p < TP; ++p) tl.t[p] = y[p] == 1 ? 1.0f : 0.0f;
+    } else {
+      for (int c = 0; c < C; ++c) {
+        float* dst = &tl.t[(size_t)c * TP];
+        for (int p = 0; p < TP; ++p) dst[p] = y[p] == c ? 1.0f : 0.0f;
+      }
+    }
+  }
+  if (pr.pixel_weight) {
+    const float* src = pr.pixel_weight + b * P + p0;
+    int bad = 0;
+    for (int p = 0; p < n; ++p) {
+      bad |= !(src[p] >= 0.0f && src[p] - src[p] == 0.0f);
+      tl.w[p] *= src[p];
+    }
+    if (check && bad && err.code == ERR_NONE) err.code = ERR_WEIGHT;
+  }
+}
+
+}  // namespace

@@ -1,0 +1,71 @@
+// Where things live: the packed map/parameter layout, the work items (bands of output rows) and
+// the per-thread tile buffers.
+#pragma once
+
+#include "common.h"
+#include "simd.h"
+
+namespace {
+
+// ---- derived layout ---------------------------------------------------------------------------
+struct Layout {
+  int L, C, M, S;
+  std::vector<int> sub_start;        // offset of each subset into subset_members
+  std::vector<int64_t> cat_w_off, cat_b_off, awf_v_off, awf_c_off;
+  int64_t cat_w_n = 0, cat_b_n = 0, awf_v_n = 0, awf_c_n = 0;
+  int max_k = 1;
+  explicit Layout(const Problem& p) : L(p.num_stages), C((int)p.classes), M(p.num_maps), S(p.num_subsets) {
+    int start = 0;
+    for (int j = 0; j < S; ++j) {
+      const int k = p.subset_size[j];
+      max_k = std::max(max_k, k);
+      sub_start.push_back(start);
+      start += k;
+      cat_w_off.push_back(cat_w_n); cat_w_n += (int64_t)C * k * C;
+      cat_b_off.push_back(cat_b_n); cat_b_n += C;
+      awf_v_off.push_back(awf_v_n); awf_v_n += (int64_t)k * k * C;
+      awf_c_off.push_back(awf_c_n); awf_c_n += k;
+    }
+  }
+  int64_t num_params() const { return cat_w_n + cat_b_n + awf_v_n + awf_c_n; }
+};
+
+// Work items: sample b and a band of whole output rows along the outermost spatial axis
+// (D in 3D, H in 2D), pixel range [p0, p1). About ITEMS bands in all: few enough that per-item
+// double partials stay small, enough to balance threads. Depends only on the shapes, so the
+// reduction order (and every result bit) is independent of the thread count.
+// A band touches native rows [i0(r0), i1(r1 - 1)] of each stage (for the backward's scatter).
+constexpr int OUTER_2D = 1, OUTER_3D = 0;
+constexpr int64_t ITEMS = 64;
+constexpr int64_t FLUSH_TILES = 64;  // float lane partials are folded into double this often
+struct Item { int64_t b, p0, p1, r0, r1; };
+inline int outer_axis(const Problem& p) { return p.spatial_rank == 3 ? OUTER_3D : OUTER_2D; }
+std::vector<Item> make_items(const Problem& p) {
+  const int oa = outer_axis(p);
+  const int64_t rows = p.out_size[oa];
+  const int64_t row_px = p.pixels / rows;
+  const int64_t per_sample = std::min(rows, std::max<int64_t>(1, (ITEMS + p.batch - 1) / p.batch));
+  std::vector<Item> items;
+  for (int64_t b = 0; b < p.batch; ++b)
+    for (int64_t k = 0; k < per_sample; ++k) {
+      const int64_t r0 = rows * k / per_sample, r1 = rows * (k + 1) / per_sample;
+      if (r1 > r0) items.push_back({b, r0 * row_px, r1 * row_px, r0, r1});
+    }
+  return items;
+}
+
+// Per-thread tile buffers.
+struct Tile {
+  int L, C, n = 0;                 // n valid pixels in the current tile
+  std::vector<float> x, t, z, s, g, gx, score, alpha, dalpha;
+  float w[TP], lse[TP], inv[TP];  // softmax: tl.s holds exp(z - max); inv = 1 / Σ_c
+  int64_t cidx[TP][8];             // resampled stage: native flat indices of the 2^rank corners
+  float cw[TP][8];                 // and their weights
+  Tile(int L_, int C_, int max_k) : L(L_), C(C_), x((size_t)L_ * C_ * TP), t((size_t)C_ * TP),
+      z((size_t)C_ * TP), s((size_t)C_ * TP), g((size_t)C_ * TP), gx((size_t)L_ * C_ * TP),
+      score((size_t)max_k * TP), alpha((size_t)max_k * TP), dalpha((size_t)max_k * TP) {}
+  float* xs(int stage, int c) { return &x[((size_t)stage * C + c) * TP]; }
+  float* gxs(int stage, int c) { return &gx[((size_t)stage * C + c) * TP]; }
+};
+
+}  // namespace

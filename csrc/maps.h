@@ -1,0 +1,99 @@
+// Building map u of a tile from its stages: orig, add, mult, cat (1x1 conv), awf (attention).
+#pragma once
+
+#include "layout.h"
+
+namespace {
+
+// Build map u of the current tile. Returns a pointer to its C×TP logits (either a stage's
+// buffer for OP_ORIG, or tl.z). For OP_AWF, tl.alpha holds the k×TP attention weights.
+const float* build_map(const Problem& pr, const Layout& ly, int u, Tile& tl) {
+  const int C = ly.C;
+  const int op = pr.map_op[u], arg = pr.map_arg[u];
+  if (op == OP_ORIG) return tl.xs(arg, 0);
+  const int k = pr.subset_size[arg];
+  const int32_t* mem = pr.subset_members + ly.sub_start[arg];
+  float* __restrict z = tl.z.data();
+  switch (op) {
+    case OP_ADD:
+    case OP_MULT: {
+      std::memcpy(z, tl.xs(mem[0], 0), sizeof(float) * C * TP);
+      for (int j = 1; j < k; ++j) {
+        const float* __restrict xj = tl.xs(mem[j], 0);
+        if (op == OP_ADD) {
+          for (int e = 0; e < C * TP; ++e) z[e] += xj[e];
+        } else {
+          for (int e = 0; e < C * TP; ++e) z[e] *= xj[e];
+        }
+      }
+      break;
+    }
+    case OP_CAT: {
+      const float* W = pr.cat_w + ly.cat_w_off[arg];
+      const float* bias = pr.cat_b + ly.cat_b_off[arg];
+      const int K = k * C;
+      int c = 0;
+      for (; c + 1 < C; c += 2) {  // two output classes per pass: each x row is loaded once
+        Row a0 = row_splat(bias[c]), a1 = row_splat(bias[c + 1]);
+        const float* W0 = W + (size_t)c * K;
+        const float* W1 = W0 + K;
+        for (int j = 0; j < k; ++j)
+          for (int c2 = 0; c2 < C; ++c2) {
+            const float* x = tl.xs(mem[j], c2);
+            row_fma(a0, W0[j * C + c2], x);
+            row_fma(a1, W1[j * C + c2], x);
+          }
+        row_store(z + (size_t)c * TP, a0);
+        row_store(z + (size_t)(c + 1) * TP, a1);
+      }
+      for (; c < C; ++c) {
+        Row acc = row_splat(bias[c]);
+        for (int j = 0; j < k; ++j)
+          for (int c2 = 0; c2 < C; ++c2) row_fma(acc, W[(size_t)c * K + j * C + c2], tl.xs(mem[j], c2));
+        row_store(z + (size_t)c * TP, acc);
+      }
+      break;
+    }
+    case OP_AWF: {
+      const float* V = pr.awf_v + ly.awf_v_off[arg];
+      const float* cb = pr.awf_c + ly.awf_c_off[arg];
+      const int K = k * C;
+      float* __restrict a = tl.score.data();
+      float* __restrict al = tl.alpha.data();
+      for (int r = 0; r < k; ++r) {
+        Row acc = row_splat(cb[r]);
+        for (int j = 0; j < k; ++j) {
+          if (pr.awf_block_diagonal && j != r) continue;  // official: V_S is block-diagonal
+          for (int c2 = 0; c2 < C; ++c2) row_fma(acc, V[(size_t)r * K + j * C + c2], tl.xs(mem[j], c2));
+        }
+        row_store(a + (size_t)r * TP, acc);
+      }
+      float m[TP], sum[TP];
+      for (int p = 0; p < TP; ++p) m[p] = a[p];
+      for (int r = 1; r < k; ++r)
+        for (int p = 0; p < TP; ++p) {
+          const float v = a[(size_t)r * TP + p];
+          m[p] = v > m[p] ? v : m[p];
+        }
+      for (int p = 0; p < TP; ++p) sum[p] = 0.0f;
+      for (int r = 0; r < k; ++r)
+        for (int p = 0; p < TP; ++p) {
+          const float e = fast_exp(a[(size_t)r * TP + p] - m[p]);
+          al[(size_t)r * TP + p] = e;
+          sum[p] += e;
+        }
+      for (int p = 0; p < TP; ++p) sum[p] = 1.0f / sum[p];
+      for (int r = 0; r < k; ++r)
+        for (int p = 0; p < TP; ++p) al[(size_t)r * TP + p] *= sum[p];
+      for (int c = 0; c < C; ++c) {
+        Row acc = row_splat(0.0f);
+        for (int j = 0; j < k; ++j) row_fma(acc, al + (size_t)j * TP, tl.xs(mem[j], c));
+        row_store(z + (size_t)c * TP, acc);
+      }
+      break;
+    }
+  }
+  return z;
+}
+
+}  // namespace

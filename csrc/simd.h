@@ -1,0 +1,134 @@
+// Vector math of the CPU kernels: exp/log polynomials, a tile row of TP floats in native-width
+// vectors, and the horizontal reductions the statistics and parameter gradients use.
+#pragma once
+
+#include "common.h"
+
+namespace {
+
+// ---- exp / log with polynomial kernels (Cephes), written so gcc vectorizes them -------------
+inline float fast_exp(float x) {
+  x = std::min(std::max(x, -87.3f), 88.7f);
+  const float shifter = 12582912.0f;  // 1.5 * 2^23: round-to-nearest by addition
+  const float t = x * 1.44269504088896341f + shifter;
+  const float n = t - shifter;
+  float r = x - n * 0.693359375f;
+  r = r + n * 2.12194440e-4f;
+  float y = 1.9875691500e-4f;
+  y = y * r + 1.3981999507e-3f;
+  y = y * r + 8.3334519073e-3f;
+  y = y * r + 4.1665795894e-2f;
+  y = y * r + 1.6666665459e-1f;
+  y = y * r + 5.0000001201e-1f;
+  y = y * (r * r) + r + 1.0f;
+  const int32_t e = (int32_t)n + 127;
+  return y * f_from_bits((uint32_t)e << 23);
+}
+inline float fast_log(float x) {  // x > 0, finite, normal
+  const uint32_t u = bits_from_f(x);
+  float e = (float)((int32_t)((u >> 23) & 0xFF) - 126);
+  float m = f_from_bits((u & 0x007FFFFFu) | 0x3F000000u);  // [0.5, 1)
+  const bool small = m < 0.707106781186547524f;
+  e = small ? e - 1.0f : e;
+  m = small ? m + m - 1.0f : m - 1.0f;
+  const float z = m * m;
+  float y = 7.0376836292e-2f;
+  y = y * m - 1.1514610310e-1f;
+  y = y * m + 1.1676998740e-1f;
+  y = y * m - 1.2420140846e-1f;
+  y = y * m + 1.4249322787e-1f;
+  y = y * m - 1.6668057665e-1f;
+  y = y * m + 2.0000714765e-1f;
+  y = y * m - 2.4999993993e-1f;
+  y = y * m + 3.3333331174e-1f;
+  y = y * m * z;
+  y += -2.12194440e-4f * e;
+  y += -0.5f * z;
+  return m + y + 0.693359375f * e;
+}
+inline float fast_log1p(float e) {  // e in [0, 1]: log(1 + e) without losing small e
+  const float u = 1.0f + e;
+  const float d = u - 1.0f;
+  return d == 0.0f ? e : fast_log(u) * (e / d);
+}
+
+// ---- a tile row of TP floats held in vector registers ----------------------------------------
+// Vectors of the ISA's native width (VW lanes): generic vectors wider than the registers are
+// lowered poorly (an AVX2 build of 16-lane vectors ran 5x slower than the AVX-512 one).
+#if defined(__AVX512F__)
+constexpr int VW = 16;
+#elif defined(__AVX__)
+constexpr int VW = 8;
+#else
+constexpr int VW = 4;
+#endif
+typedef float vf __attribute__((vector_size(VW * 4), aligned(4)));
+constexpr int NV = TP / VW;
+static_assert(TP % VW == 0, "TP must be a multiple of the vector width");
+struct Row { vf v[NV]; };
+inline Row row_splat(float a) { Row r; for (int i = 0; i < NV; ++i) r.v[i] = vf{} + a; return r; }
+inline Row row_load(const float* p) { Row r; for (int i = 0; i < NV; ++i) r.v[i] = *(const vf*)(p + VW * i); return r; }
+inline void row_store(float* p, const Row& r) { for (int i = 0; i < NV; ++i) *(vf*)(p + VW * i) = r.v[i]; }
+inline void row_fma(Row& acc, float w, const float* x) {  // acc += w * x
+  for (int i = 0; i < NV; ++i) acc.v[i] += w * *(const vf*)(x + VW * i);
+}
+inline void row_fma(Row& acc, const float* a, const float* x) {  // acc += a ⊙ x
+  for (int i = 0; i < NV; ++i) acc.v[i] += *(const vf*)(a + VW * i) * *(const vf*)(x + VW * i);
+}
+
+// Parameter gradients: per tile, each is a dot product over the TP pixels. They are reduced to
+// one float per parameter (a compact, L1-resident per-thread buffer, folded into the item's double
+// partials every FLUSH_TILES tiles). VW dot products at a time are reduced together (with AVX-512
+// by a transpose-and-add tree: 15 shuffles + adds for 16 sums instead of 16 horizontal reductions).
+inline float hsum(vf v) {
+  float s = 0.0f;
+  for (int l = 0; l < VW; ++l) s += v[l];
+  return s;
+}
+
+#if defined(__AVX512F__)
+typedef int32_t vi16 __attribute__((vector_size(64)));
+
+inline vf reduce_lanes(vf a[16]) {  // lane i of the result = Σ lanes of a[i]
+  const vi16 l1a = {0, 1, 2, 3, 4, 5, 6, 7, 16, 17, 18, 19, 20, 21, 22, 23};
+  const vi16 l1b = {8, 9, 10, 11, 12, 13, 14, 15, 24, 25, 26, 27, 28, 29, 30, 31};
+  const vi16 l2a = {0, 1, 2, 3, 8, 9, 10, 11, 16, 17, 18, 19, 24, 25, 26, 27};
+  const vi16 l2b = {4, 5, 6, 7, 12, 13, 14, 15, 20, 21, 22, 23, 28, 29, 30, 31};
+  const vi16 l3a = {0, 1, 4, 5, 8, 9, 12, 13, 16, 17, 20, 21, 24, 25, 28, 29};
+  const vi16 l3b = {2, 3, 6, 7, 10, 11, 14, 15, 18, 19, 22, 23, 26, 27, 30, 31};
+  const vi16 l4a = {0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30};
+  const vi16 l4b = {1, 3, 5, 7, 9, 11, 13, 15, 17, 19, 21, 23, 25, 27, 29, 31};
+  vf u[8], w[4], y[2];
+  for (int i = 0; i < 8; ++i) u[i] = __builtin_shuffle(a[2 * i], a[2 * i + 1], l1a) + __builtin_shuffle(a[2 * i], a[2 * i + 1], l1b);
+  for (int i = 0; i < 4; ++i) w[i] = __builtin_shuffle(u[2 * i], u[2 * i + 1], l2a) + __builtin_shuffle(u[2 * i], u[2 * i + 1], l2b);
+  for (int i = 0; i < 2; ++i) y[i] = __builtin_shuffle(w[2 * i], w[2 * i + 1], l3a) + __builtin_shuffle(w[2 * i], w[2 * i + 1], l3b);
+  return __builtin_shuffle(y[0], y[1], l4a) + __builtin_shuffle(y[0], y[1], l4b);
+}
+#else
+inline vf reduce_lanes(vf a[VW]) {  // lane i of the result = Σ lanes of a[i]
+  vf r;
+  for (int i = 0; i < VW; ++i) r[i] = hsum(a[i]);
+  return r;
+}
+#endif
+
+inline vf row_dot(const Row& a, const float* b) {  // per-lane partial of <a, b> over TP pixels
+  vf r = a.v[0] * *(const vf*)b;
+  for (int i = 1; i < NV; ++i) r += a.v[i] * *(const vf*)(b + VW * i);
+  return r;
+}
+
+inline vf row_sum(const Row& a) {
+  vf r = a.v[0];
+  for (int i = 1; i < NV; ++i) r += a.v[i];
+  return r;
+}
+
+inline float sum_tp(const float* __restrict a) {
+  float acc = 0.0f;
+#pragma omp simd reduction(+ : acc)
+  for (int p = 0; p < TP; ++p) acc += a[p];
+  return acc;
+}
+
+}  // namespace
