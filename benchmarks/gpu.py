@@ -37,6 +37,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(1, str(Path(__file__).resolve().parent.parent))  # the package itself, where it is not installed
+from floor import work_per_pixel  # noqa: E402  (one place for the work model)
 from run import CONFIGS, RESULTS, fmt_ratio, make_problem  # noqa: E402  (one place for the configs and inputs)
 
 DEFAULT_CONFIGS = ["synapse2d", "l5", "ct3d", "synapse2d-native", "ct3d-native", "ct3d-l5"]
@@ -111,30 +112,6 @@ def worker(cfg_name: str, impl: str, repeats: int, scale: float, max_seconds: fl
                                      exps * pixels / (props.multi_processor_count * 16 * clock))
         out["floor_s"] = max(out["floor_memory_s"], out["floor_compute_s"])
     return out
-
-
-def work_per_pixel(crit):
-    """(FP32 operations, exponentials) per output pixel of one fused forward + backward, counting an
-    FMA as one operation: a lower-bound model of the work (what any fused kernel must do)."""
-    C = crit.num_classes
-    ops = exps = 0
-    for m in crit.maps:
-        k = len(m.members)
-        if m.op in ("add", "mult"):
-            build, adjoint = (k - 1) * C, (k - 1) * C * (2 if m.op == "mult" else 1)
-        elif m.op == "cat":
-            build, adjoint = k * C * C, 2 * k * C * C  # 1x1 conv; backward: input grads + weight grads
-        elif m.op == "awf":
-            scores = k * C * (k if crit.awf_param == "paper" else 1)
-            build, adjoint = scores + k * C, 2 * scores + 3 * k * C
-            exps += 2 * k  # the attention softmax, forward and recompute
-        else:
-            build = adjoint = 0
-        # forward: build + softmax (max, shift, sum, normalize) + three weighted sums;
-        # backward: recompute + dL/dz (softmax Jacobian-vector product, ~6 per class) + adjoint
-        ops += (build + 4 * C + 4 * C) + (build + 4 * C + 6 * C + adjoint)
-        exps += 2 * C + 2  # softmax exps forward and recompute, and the log of the sum
-    return ops, exps
 
 
 def copy_bandwidth() -> float:

@@ -81,6 +81,11 @@ def worker(cfg_name: str, impl: str, repeats: int, scale: float, mode: str) -> d
     if backend == "cpu":
         out["cpu_variant"] = lk.cpu.variant()
     out.update(measure(crit, logits, target, compiled=impl == "compiled", repeats=repeats, mode=mode))
+    if backend == "cpu" and mode == "time":
+        from floor import cpu_floor
+
+        out.update(cpu_floor(crit, B * math.prod(spatial), out["logits_mb"], out["target_mb"], out["threads"],
+                             out["cpu_variant"]))
     return out
 
 
@@ -184,11 +189,18 @@ def main():
     plot(rows, sweep, args.name)
 
 
+def floor_ratio(r) -> str:
+    """Measured time / the floor (benchmarks/floor.py), with the floor itself."""
+    if "median_s" not in r or not r.get("floor_s"):
+        return "—"
+    return f"{r['median_s'] / r['floor_s']:.2f}x of {r['floor_s'] * 1e3:.3g} ms"
+
+
 def summarize(rows) -> str:
     by = {(r["config"], r["impl"]): r for r in rows}
-    lines = ["| config | maps | reference | compiled | cpu (fused) | speed-up vs eager | vs compiled | "
+    lines = ["| config | maps | reference | compiled | cpu (fused) | speed-up vs eager | vs compiled | cpu / floor | "
              "peak extra mem: reference | cpu | mem ratio | cpu mem / (target+logits+grads) |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for cfg in dict.fromkeys(r["config"] for r in rows):
         ref, comp, fused = by.get((cfg, "reference"), {}), by.get((cfg, "compiled"), {}), by.get((cfg, "cpu"), {})
 
@@ -213,9 +225,10 @@ def summarize(rows) -> str:
         lines.append(
             f"| {cfg} | {fused.get('maps', ref.get('maps', ''))} | {t(ref)} | {t(comp)} | {t(fused)} | "
             f"{fmt_ratio(ref.get('median_s'), fused.get('median_s')).strip()} | "
-            f"{fmt_ratio(comp.get('median_s'), fused.get('median_s')).strip()} | {m(ref)} | {m(fused)} | "
+            f"{fmt_ratio(comp.get('median_s'), fused.get('median_s')).strip()} | {floor_ratio(fused)} | "
+            f"{m(ref)} | {m(fused)} | "
             f"{fmt_ratio(ref_mem, f_mem).strip()} | {f_mem / (2 * lg + tg):.2f}x |" if f_mem and lg else
-            f"| {cfg} | | {t(ref)} | {t(comp)} | {t(fused)} | | | {m(ref)} | {m(fused)} | | |")
+            f"| {cfg} | | {t(ref)} | {t(comp)} | {t(fused)} | | | | {m(ref)} | {m(fused)} | | |")
     return "\n".join(lines)
 
 

@@ -1,0 +1,33 @@
+"""benchmarks/floor.py: the work model and the CPU floor the benchmark table divides by."""
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+import floor  # noqa: E402
+import run  # noqa: E402
+
+import lomix_kernels as lk  # noqa: E402
+
+
+def test_work_grows_with_classes_and_maps():
+    small, more_classes, more_maps = (floor.work_per_pixel(lk.LoMixLoss(L, C)) for L, C in ((3, 4), (3, 8), (4, 4)))
+    assert more_classes[0] > 2 * small[0] and more_classes[1] > small[1]
+    assert more_maps[0] > small[0] and more_maps[1] > small[1]
+    # deep supervision: per map only the softmax/statistics work, no operator builds or adjoints
+    ds = floor.work_per_pixel(lk.LoMixLoss(4, 9, scheme="deep_supervision"))
+    assert ds == (4 * 18 * 9, 4 * (2 * 9 + 2))
+
+
+def test_cpu_floor_divides_by_the_variant_lanes(monkeypatch):
+    monkeypatch.setattr(floor, "cpu_clock_hz", lambda: 2e9)
+    monkeypatch.setattr(floor, "cpu_copy_bandwidth", lambda: 1e12)
+    crit = lk.LoMixLoss(4, 9)
+    wide, narrow = (floor.cpu_floor(crit, 10 ** 6, 10.0, 1.0, 2, v) for v in ("avx512", "avx2"))
+    ops, exps = floor.work_per_pixel(crit)
+    assert wide["floor_compute_s"] == pytest.approx((ops + exps * floor.CPU_EXP_OPS) * 1e6 / (2 * 16 * 2 * 2e9))
+    assert narrow["floor_compute_s"] == pytest.approx(2 * wide["floor_compute_s"])
+    assert wide["floor_s"] == max(wide["floor_compute_s"], wide["floor_memory_s"])
+    assert run.floor_ratio({"median_s": 0.3, **wide}).startswith(f"{0.3 / wide['floor_s']:.2f}x of ")
+    assert run.floor_ratio({"error": "x"}) == "—"
