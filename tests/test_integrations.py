@@ -2,6 +2,7 @@
 requirements-integrations.txt): nnU-Net v2 — plan, preprocess, train, validate, reload, predict — and
 MONAI's DynUNet training with the LoMix deep-supervision loss."""
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -207,3 +208,78 @@ def test_monai_supervised_trainer_loss_decreases():
     trainer.add_event_handler(Events.ITERATION_COMPLETED, lambda engine: losses.append(engine.state.output["loss"].item()))
     trainer.run()
     assert len(losses) == 12 and np.mean(losses[-3:]) < 0.8 * np.mean(losses[:3]), losses
+
+
+class _Heads(torch.nn.Module):
+    """A tiny 3D net with nnU-Net's deep-supervision output: 4 heads, fine -> coarse."""
+
+    def __init__(self, C=3):
+        super().__init__()
+        self.stem = torch.nn.Conv3d(1, 4, 3, padding=1)
+        self.heads = torch.nn.ModuleList(torch.nn.Conv3d(4, C, 1) for _ in range(4))
+
+    def forward(self, x):
+        f = torch.relu(self.stem(x))
+        return [h(torch.nn.functional.avg_pool3d(f, 2 ** i) if i else f) for i, h in enumerate(self.heads)]
+
+
+def _lomix_step(rank, world, batch):
+    """nnUNetTrainerLoMix.train_step on a stand-in trainer (what the step reads of it); the gradients."""
+    from types import SimpleNamespace
+
+    torch.manual_seed(0)
+    net = _Heads()
+    loss = lk_nnunet.NnUNetLoMixLoss(lk.LoMixLoss(3, 3, weighting="fixed", sync_stats=world > 1, backend="cpu"),
+                                     regions=False, has_ignore=False, add_unused_heads=world > 1)
+    with torch.no_grad():
+        for p in loss.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    if world > 1:
+        net = torch.nn.parallel.DistributedDataParallel(net)  # CPU module: no device_ids
+    opt = torch.optim.SGD([*net.parameters(), *loss.parameters()], lr=0.0)
+    fake = SimpleNamespace(device=torch.device("cpu"), network=net, optimizer=opt, loss=loss, _lomix_loss=loss,
+                           is_ddp=world > 1, grad_scaler=None)
+    value = lk_nnunet.nnUNetTrainerLoMix.train_step(fake, batch)["loss"]
+    module = net.module if world > 1 else net
+    grads = lambda ps: [torch.zeros_like(p) if p.grad is None else p.grad.clone() for p in ps]  # noqa: E731
+    return float(value), grads(module.parameters()), grads(loss.parameters())
+
+
+def _ddp_step_worker(rank, world, port, path):
+    import os
+
+    import torch.distributed as dist
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    torch.set_num_threads(1)
+    try:
+        x, y = _blobs(4, 8)
+        half = {"data": x[2 * rank:2 * rank + 2], "target": y[2 * rank:2 * rank + 2]}
+        torch.save(_lomix_step(rank, world, half), f"{path}.{rank}")
+        dist.barrier()
+    finally:
+        dist.destroy_process_group()
+    os._exit(0)  # gloo threads can abort at interpreter teardown after the work is saved
+
+
+def test_nnunet_train_step_under_ddp_equals_one_process(tmp_path):
+    """Two gloo ranks with half the batch each: the synced loss, the network's gradients (DDP-averaged) and
+    the mixing parameters' gradients (all-reduced by the trainer) equal one process on the whole batch —
+    and DDP does not stop on the head the loss leaves out."""
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.spawn(_ddp_step_worker, args=(2, port, str(tmp_path / "r")), nprocs=2, join=True)
+    x, y = _blobs(4, 8)
+    loss, net_grads, mix_grads = _lomix_step(0, 1, {"data": x, "target": y})
+    for rank in range(2):
+        r_loss, r_net, r_mix = torch.load(f"{tmp_path / 'r'}.{rank}")
+        assert abs(r_loss - loss) < 1e-5 * abs(loss)
+        assert len(r_mix) == len(mix_grads) > 0 and r_net[-1].abs().sum() == 0  # the unused head: zero
+        for a, b in zip(r_net + r_mix, net_grads + mix_grads):
+            assert torch.allclose(a, b, rtol=1e-4, atol=1e-7), (a - b).abs().max()
