@@ -72,6 +72,7 @@ void load_tile(const Problem& pr, const std::vector<Stage>& stages, int64_t b, i
   const int L = pr.num_stages, C = (int)pr.classes;
   const int64_t P = pr.pixels;
   tl.n = n;
+  std::fill(tl.ex_ready.begin(), tl.ex_ready.end(), 0);  // a new tile: no stage exponentials yet
   for (int i = 0; i < L; ++i) {
     const Stage& S = stages[i];
     const int K = S.resampled ? corners(pr, S, p0, n, tl) : 0;

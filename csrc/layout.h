@@ -14,7 +14,18 @@ struct Layout {
   std::vector<int64_t> cat_w_off, cat_b_off, awf_v_off, awf_c_off;
   int64_t cat_w_n = 0, cat_b_n = 0, awf_v_n = 0, awf_c_n = 0;
   int max_k = 1;
+  // Softmax of the add maps from their members' exponentials (stats.h, activate_map): on when the
+  // members' exps are computed anyway (the original maps are in the plan) or there are more add maps
+  // than stages.
+  bool add_by_product = false;
   explicit Layout(const Problem& p) : L(p.num_stages), C((int)p.classes), M(p.num_maps), S(p.num_subsets) {
+    int n_add = 0;
+    bool has_orig = false;
+    for (int u = 0; u < M; ++u) {
+      n_add += p.map_op[u] == OP_ADD;
+      has_orig |= p.map_op[u] == OP_ORIG;
+    }
+    add_by_product = !p.sigmoid && n_add > 0 && (has_orig || n_add > L);
     int start = 0;
     for (int j = 0; j < S; ++j) {
       const int k = p.subset_size[j];
@@ -58,14 +69,18 @@ std::vector<Item> make_items(const Problem& p) {
 struct Tile {
   int L, C, n = 0;                 // n valid pixels in the current tile
   std::vector<float> x, t, z, s, g, gx, score, alpha, dalpha;
+  std::vector<float> ex, emax;     // per stage: exp(x - max_c x) (C×TP) and the max (TP), once per tile
+  std::vector<char> ex_ready;      // ... computed yet for this tile (load_tile resets it)
   float w[TP], lse[TP], inv[TP];  // softmax: tl.s holds exp(z - max); inv = 1 / Σ_c
   int64_t cidx[TP][8];             // resampled stage: native flat indices of the 2^rank corners
   float cw[TP][8];                 // and their weights
   Tile(int L_, int C_, int max_k) : L(L_), C(C_), x((size_t)L_ * C_ * TP), t((size_t)C_ * TP),
       z((size_t)C_ * TP), s((size_t)C_ * TP), g((size_t)C_ * TP), gx((size_t)L_ * C_ * TP),
-      score((size_t)max_k * TP), alpha((size_t)max_k * TP), dalpha((size_t)max_k * TP) {}
+      score((size_t)max_k * TP), alpha((size_t)max_k * TP), dalpha((size_t)max_k * TP),
+      ex((size_t)L_ * C_ * TP), emax((size_t)L_ * TP), ex_ready((size_t)L_, 0) {}
   float* xs(int stage, int c) { return &x[((size_t)stage * C + c) * TP]; }
   float* gxs(int stage, int c) { return &gx[((size_t)stage * C + c) * TP]; }
+  float* exs(int stage) { return &ex[(size_t)stage * C * TP]; }
 };
 
 }  // namespace

@@ -45,6 +45,7 @@ int lomix_cpu_forward(const Problem* prp, float* ce, float* inter, float* zsum, 
 
 #pragma omp parallel num_threads(num_threads(pr))
   {
+    const FlushDenormals ftz;
     Tile tl(ly.L, C, ly.max_k);
     std::vector<float> lane_buf(map_block * VW);  // VW-lane float partials of the per-map sums
     vf* lanes = (vf*)lane_buf.data();
@@ -64,7 +65,7 @@ int lomix_cpu_forward(const Problem* prp, float* ce, float* inter, float* zsum, 
         if (errs[it].code != ERR_NONE) break;
         for (int u = 0; u < M; ++u) {
           const float* z = build_map(pr, ly, u, tl);
-          activate(pr, z, tl);
+          activate_map(pr, ly, u, z, tl);
           accumulate_stats(pr, z, tl, &lanes[(size_t)u * 3 * C]);
         }
         double* tg = acc + map_block;
@@ -135,6 +136,7 @@ int lomix_cpu_backward(const Problem* prp, const float* gce, const float* ginter
 
 #pragma omp parallel num_threads(num_threads(pr))
   {
+    const FlushDenormals ftz;
     Tile tl(L, C, ly.max_k);
     std::vector<float> lanes((size_t)nP);  // per-parameter float partials of the current flush window
 #pragma omp for schedule(dynamic, 1)
@@ -156,7 +158,7 @@ int lomix_cpu_backward(const Problem* prp, const float* gce, const float* ginter
         for (int u = 0; u < M; ++u) {
           const size_t o = ((size_t)u * B + item.b) * C;
           const float* z = build_map(pr, ly, u, tl);
-          activate(pr, z, tl);
+          activate_map(pr, ly, u, z, tl);
           map_grad(pr, tl, gce + o, ginter + o, gzsum + o);
           op_backward(pr, ly, u, tl, dp);
         }

@@ -40,6 +40,77 @@ void activate(const Problem& pr, const float* __restrict z, Tile& tl) {
   }
 }
 
+// exp(x_j − max_c x_j) of stage j alone into tl.ex (and the max into tl.emax), once per tile: an
+// original map's softmax and the factors of every add map's exponentials.
+void stage_exp(const Problem& pr, Tile& tl, int j) {
+  if (tl.ex_ready[j]) return;
+  const int C = (int)pr.classes;
+  const float* __restrict x = tl.xs(j, 0);
+  float* __restrict e = tl.exs(j);
+  float* __restrict m = &tl.emax[(size_t)j * TP];
+  for (int p = 0; p < TP; ++p) m[p] = x[p];
+  for (int c = 1; c < C; ++c)
+    for (int p = 0; p < TP; ++p) {
+      const float v = x[(size_t)c * TP + p];
+      m[p] = v > m[p] ? v : m[p];
+    }
+  for (int c = 0; c < C; ++c)
+    for (int p = 0; p < TP; ++p) e[(size_t)c * TP + p] = fast_exp(x[(size_t)c * TP + p] - m[p]);
+  tl.ex_ready[j] = 1;
+}
+
+// lse and inv of the unnormalized exponentials in tl.s, whose shift is m (TP). False (nothing
+// written) when some pixel's sum is below 1e-20: its exponentials underflowed.
+bool finish_softmax(int C, const float* __restrict m, Tile& tl) {
+  const float* __restrict s = tl.s.data();
+  float sum[TP];
+  for (int p = 0; p < TP; ++p) sum[p] = s[p];
+  for (int c = 1; c < C; ++c)
+    for (int p = 0; p < TP; ++p) sum[p] += s[(size_t)c * TP + p];
+  float smallest = sum[0];
+  for (int p = 1; p < TP; ++p) smallest = sum[p] < smallest ? sum[p] : smallest;
+  if (!(smallest >= 1e-20f)) return false;
+  for (int p = 0; p < TP; ++p) {
+    tl.lse[p] = m[p] + fast_log(sum[p]);
+    tl.inv[p] = 1.0f / sum[p];
+  }
+  return true;
+}
+
+// Activation of map u (logits z, from build_map) into tl.s / tl.lse / tl.inv, as activate() does;
+// with Layout::add_by_product, an original map's exponentials are its stage's (stage_exp) and an
+// add map's are the products of its members': exp(Σ_j x_j − Σ_j m_j) = Π_j exp(x_j − m_j), no
+// exponential of its own (exact in exact arithmetic; where a pixel's product sum underflows, the
+// tile falls back to activate()). The kernels run with denormals flushed to zero (FlushDenormals).
+void activate_map(const Problem& pr, const Layout& ly, int u, const float* z, Tile& tl) {
+  const int op = pr.map_op[u];
+  if (!ly.add_by_product || (op != OP_ORIG && op != OP_ADD)) {
+    activate(pr, z, tl);
+    return;
+  }
+  const int C = ly.C, arg = pr.map_arg[u];
+  float* __restrict s = tl.s.data();
+  if (op == OP_ORIG) {
+    stage_exp(pr, tl, arg);
+    std::memcpy(s, tl.exs(arg), sizeof(float) * C * TP);
+    if (!finish_softmax(C, &tl.emax[(size_t)arg * TP], tl)) activate(pr, z, tl);  // (never: the max class is 1)
+    return;
+  }
+  const int k = pr.subset_size[arg];
+  const int32_t* mem = pr.subset_members + ly.sub_start[arg];
+  float m[TP];
+  for (int j = 0; j < k; ++j) stage_exp(pr, tl, mem[j]);
+  std::memcpy(s, tl.exs(mem[0]), sizeof(float) * C * TP);
+  std::memcpy(m, &tl.emax[(size_t)mem[0] * TP], sizeof(float) * TP);
+  for (int j = 1; j < k; ++j) {
+    const float* __restrict e = tl.exs(mem[j]);
+    const float* __restrict mj = &tl.emax[(size_t)mem[j] * TP];
+    for (int q = 0; q < C * TP; ++q) s[q] *= e[q];
+    for (int p = 0; p < TP; ++p) m[p] += mj[p];
+  }
+  if (!finish_softmax(C, m, tl)) activate(pr, z, tl);
+}
+
 // Accumulate the sums of one map (z, tl.s) into ce/inter/zsum (C each, double).
 // Fold a row of TP per-pixel values into one VW-lane partial (no horizontal reduction per tile).
 inline void fold_row(vf& acc, const float* r) {

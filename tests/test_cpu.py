@@ -249,3 +249,19 @@ def test_native_resolution_allocates_no_full_resolution_copy():
 def test_random_configurations(seed):
     """Randomly drawn (but fixed-seed) shapes, head sizes, op subsets and options."""
     compare_to_reference(*random_config_case("cpu", seed))
+
+
+@pytest.mark.parametrize("gap", [30.0, 120.0])
+def test_add_maps_from_member_exponentials_with_confident_disagreeing_stages(gap):
+    """The add maps' softmax is built from their members' exponentials (Layout::add_by_product). Stages
+    that are confident about different classes make those products tiny (gap 30: ~1e-26, denormal for
+    3-4 members, flushed) or underflow entirely (gap 120: the kernel falls back to exp of the sum):
+    both still match the float64 reference."""
+    torch.manual_seed(0)
+    crit = randomize_params(lk.LoMixLoss(4, 5, backend="cpu"))
+    logits = make_logits(4, 5, 2, (12, 13))
+    with torch.no_grad():
+        for i, z in enumerate(logits):
+            z[:, i % 5] += gap  # stage i is sure of class i; every add map mixes disagreeing stages
+            z[:, :, :3] -= gap / 2  # and some pixels are unsure everywhere
+    compare_to_reference(crit, logits, make_target(5, 2, (12, 13)))
