@@ -55,6 +55,17 @@ void map_grad(const Problem& pr, Tile& tl, const float* gce, const float* gi, co
   }
 }
 
+// The cat adjoint into NB consecutive input rows (member j, classes c2..): gx += Σ_c W[c, j·C + c2] g_c,
+// each g_c row loaded once for the NB rows.
+template <int NB>
+inline void cat_adjoint_rows(const float* W, int K, int j, int c2, int C, const int32_t* mem, const float* g,
+                             Tile& tl) {
+  Row acc[NB];
+  for (int b = 0; b < NB; ++b) acc[b] = row_load(tl.gxs(mem[j], c2 + b));
+  for (int c = 0; c < C; ++c) rows_fma<NB>(acc, W + (size_t)c * K + j * C + c2, 1, g + (size_t)c * TP);
+  for (int b = 0; b < NB; ++b) row_store(tl.gxs(mem[j], c2 + b), acc[b]);
+}
+
 // Push tl.g (dL/dz_u) through the operator of map u into tl.gx and the parameter partials.
 // dparams: one float partial per packed parameter (per thread, flushed to double by the caller).
 void op_backward(const Problem& pr, const Layout& ly, int u, Tile& tl, float* dparams) {
@@ -106,13 +117,11 @@ void op_backward(const Problem& pr, const Layout& ly, int u, Tile& tl, float* dp
           for (int q = 0; q < nq; ++q) dWc[q0 + q] += sums[q];
         }
       }
-      for (int j = 0; j < k; ++j)
-        for (int c2 = 0; c2 < C; ++c2) {
-          float* gx = tl.gxs(mem[j], c2);
-          Row acc = row_load(gx);
-          for (int c = 0; c < C; ++c) row_fma(acc, W[(size_t)c * K + j * C + c2], g + (size_t)c * TP);
-          row_store(gx, acc);
-        }
+      for (int j = 0; j < k; ++j) {
+        int c2 = 0;
+        for (; c2 + CAT_BLOCK <= C; c2 += CAT_BLOCK) cat_adjoint_rows<CAT_BLOCK>(W, K, j, c2, C, mem, g, tl);
+        for (; c2 < C; ++c2) cat_adjoint_rows<1>(W, K, j, c2, C, mem, g, tl);
+      }
       break;
     }
     case OP_AWF: {

@@ -5,6 +5,19 @@
 
 namespace {
 
+// NB output classes c.. of a cat map (a 1x1 conv over the members' classes) per pass: each member
+// row is loaded once for the NB rows.
+template <int NB>
+inline void cat_rows(const float* W, const float* bias, int c, int k, int C, const int32_t* mem, Tile& tl,
+                     float* z) {
+  const int64_t K = (int64_t)k * C;
+  Row acc[NB];
+  for (int b = 0; b < NB; ++b) acc[b] = row_splat(bias[c + b]);
+  for (int j = 0; j < k; ++j)
+    for (int c2 = 0; c2 < C; ++c2) rows_fma<NB>(acc, W + c * K + j * C + c2, K, tl.xs(mem[j], c2));
+  for (int b = 0; b < NB; ++b) row_store(z + (size_t)(c + b) * TP, acc[b]);
+}
+
 // Build map u of the current tile. Returns a pointer to its C×TP logits (either a stage's
 // buffer for OP_ORIG, or tl.z). For OP_AWF, tl.alpha holds the k×TP attention weights.
 const float* build_map(const Problem& pr, const Layout& ly, int u, Tile& tl) {
@@ -31,27 +44,9 @@ const float* build_map(const Problem& pr, const Layout& ly, int u, Tile& tl) {
     case OP_CAT: {
       const float* W = pr.cat_w + ly.cat_w_off[arg];
       const float* bias = pr.cat_b + ly.cat_b_off[arg];
-      const int K = k * C;
       int c = 0;
-      for (; c + 1 < C; c += 2) {  // two output classes per pass: each x row is loaded once
-        Row a0 = row_splat(bias[c]), a1 = row_splat(bias[c + 1]);
-        const float* W0 = W + (size_t)c * K;
-        const float* W1 = W0 + K;
-        for (int j = 0; j < k; ++j)
-          for (int c2 = 0; c2 < C; ++c2) {
-            const float* x = tl.xs(mem[j], c2);
-            row_fma(a0, W0[j * C + c2], x);
-            row_fma(a1, W1[j * C + c2], x);
-          }
-        row_store(z + (size_t)c * TP, a0);
-        row_store(z + (size_t)(c + 1) * TP, a1);
-      }
-      for (; c < C; ++c) {
-        Row acc = row_splat(bias[c]);
-        for (int j = 0; j < k; ++j)
-          for (int c2 = 0; c2 < C; ++c2) row_fma(acc, W[(size_t)c * K + j * C + c2], tl.xs(mem[j], c2));
-        row_store(z + (size_t)c * TP, acc);
-      }
+      for (; c + CAT_BLOCK <= C; c += CAT_BLOCK) cat_rows<CAT_BLOCK>(W, bias, c, k, C, mem, tl, z);
+      for (; c < C; ++c) cat_rows<1>(W, bias, c, k, C, mem, tl, z);
       break;
     }
     case OP_AWF: {

@@ -72,6 +72,17 @@ inline void row_store(float* p, const Row& r) { for (int i = 0; i < NV; ++i) *(v
 inline void row_fma(Row& acc, float w, const float* x) {  // acc += w * x
   for (int i = 0; i < NV; ++i) acc.v[i] += w * *(const vf*)(x + VW * i);
 }
+// Rows updated together in the 1x1-conv ("cat") loops, so that each loaded row feeds CAT_BLOCK
+// accumulator rows: 4 with AVX-512 (16 of its 32 registers hold them), 2 otherwise.
+constexpr int CAT_BLOCK = NV <= 4 ? 4 : 2;
+template <int NB>
+inline void rows_fma(Row (&acc)[NB], const float* w, int64_t w_stride, const float* x) {  // acc[b] += w[b·stride]·x
+  const Row xr = row_load(x);
+  for (int b = 0; b < NB; ++b) {
+    const float wb = w[b * w_stride];
+    for (int i = 0; i < NV; ++i) acc[b].v[i] += wb * xr.v[i];
+  }
+}
 inline void row_fma(Row& acc, const float* a, const float* x) {  // acc += a ⊙ x
   for (int i = 0; i < NV; ++i) acc.v[i] += *(const vf*)(a + VW * i) * *(const vf*)(x + VW * i);
 }
