@@ -193,7 +193,9 @@ def floor_ratio(r) -> str:
     """Measured time / the floor (benchmarks/floor.py), with the floor itself."""
     if "median_s" not in r or not r.get("floor_s"):
         return "—"
-    return f"{r['median_s'] / r['floor_s']:.2f}x of {r['floor_s'] * 1e3:.3g} ms"
+    ms = r["floor_s"] * 1e3
+    return f"{r['median_s'] / r['floor_s']:.2f}x of {ms:.0f} ms" if ms >= 10 else \
+        f"{r['median_s'] / r['floor_s']:.2f}x of {ms:.2g} ms"
 
 
 def summarize(rows) -> str:
