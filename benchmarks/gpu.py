@@ -196,6 +196,7 @@ def run_table(configs, impls, *, repeats=20, scale=1.0, env=None, jobs=8, compil
     warm_caches, is given), then time each alone. With ``budget`` (s) the rows that would start after
     it are reported as skipped."""
     env = dict(os.environ if env is None else env)
+    env.setdefault("LOMIX_TRITON_AUTOTUNE", "1")  # the table reports the fastest candidate and which it is
     started = time.perf_counter()
     skipped = warmed if warmed is not None else (
         warm_caches(configs, impls, scale, env, jobs, compile_cap, log) if jobs > 0 else {})

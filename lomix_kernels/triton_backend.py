@@ -716,9 +716,11 @@ def last_launches() -> dict:
 
 
 def _choose(kind: str, pb: _Problem, launch):
-    """The tile config for this problem: LOMIX_TRITON_CONFIG if set; else the default, or on CUDA
-    (unless LOMIX_TRITON_AUTOTUNE=0) the fastest candidate, timed once per (kind, shapes, plan) key
-    like triton.autotune. Results are deterministic for a given config; pinning one makes them
+    """The tile config for this problem: LOMIX_TRITON_CONFIG if set; else the default (the first
+    candidate: the one an H100 autotuning run chose for every problem of the GPU table), or with
+    LOMIX_TRITON_AUTOTUNE=1 on CUDA the fastest candidate, timed once per (kind, shapes, plan) key like
+    triton.autotune — at the price of compiling every candidate on a problem's first step (~20 s each
+    on the H100 machine's CPU). Results are deterministic for a given config, so the default is also
     identical across processes."""
     candidates = CONFIGS_3D if pb.is3d else CONFIGS_2D
     pinned = pinned_config()
@@ -726,7 +728,7 @@ def _choose(kind: str, pb: _Problem, launch):
         if pinned[0] > 1 and not pb.is3d:
             raise ValueError(f"LOMIX_TRITON_CONFIG {pinned} has TD > 1: not a 2D config")
         return pinned
-    if pb.device.type != "cuda" or os.environ.get("LOMIX_TRITON_AUTOTUNE", "1") == "0":
+    if pb.device.type != "cuda" or os.environ.get("LOMIX_TRITON_AUTOTUNE", "0") != "1":
         return candidates[0]
     key = (kind, pb.sizes, pb.out, pb.B, pb.C, pb.plan, pb.soft, pb.w is not pb.t, pb.logits[0].dtype)
     if key not in _TUNED:

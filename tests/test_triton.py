@@ -241,8 +241,8 @@ def test_kernels_compile_for_h100():
 
 
 def test_autotune_picks_fastest_once(monkeypatch):
-    """On CUDA, _choose times every candidate once per problem key and keeps the fastest;
-    LOMIX_TRITON_AUTOTUNE=0 pins the default. (Timing is faked: no GPU needed.)"""
+    """With LOMIX_TRITON_AUTOTUNE=1 on CUDA, _choose times every candidate once per problem key and keeps
+    the fastest; by default (and with 0) it takes the first candidate untimed. (Timing is faked: no GPU.)"""
     from types import SimpleNamespace
 
     candidates = triton_backend.CONFIGS_2D
@@ -263,11 +263,13 @@ def test_autotune_picks_fastest_once(monkeypatch):
     monkeypatch.delenv("LOMIX_TRITON_CONFIG", raising=False)
     pb = SimpleNamespace(device=torch.device("cuda"), is3d=False, sizes=((1, 4, 4),), out=(1, 8, 8), B=1, C=2,
                          plan=None, soft=False, w=None, t=1, logits=[torch.zeros(1)])
+    assert triton_backend._choose("forward", pb, launch) == candidates[0] and not timed  # default: no timing
+    monkeypatch.setenv("LOMIX_TRITON_AUTOTUNE", "1")
     assert triton_backend._choose("forward", pb, launch) == candidates[2]
     assert timed == list(candidates)
     assert triton_backend._choose("forward", pb, launch) == candidates[2] and len(timed) == len(candidates)
     monkeypatch.setenv("LOMIX_TRITON_AUTOTUNE", "0")
     assert triton_backend._choose("backward", pb, launch) == candidates[0]
     pb.device = torch.device("cpu")
-    monkeypatch.delenv("LOMIX_TRITON_AUTOTUNE")
+    monkeypatch.setenv("LOMIX_TRITON_AUTOTUNE", "1")  # never on CPU tensors (the interpreter)
     assert triton_backend._choose("backward", pb, launch) == candidates[0] and len(timed) == len(candidates)
