@@ -44,8 +44,9 @@ def sphere_case(rng, size: int):
     return (lab + rng.normal(0, 0.3, lab.shape)).astype(np.float32), lab
 
 
-def write_tiny_dataset(root: Path, cases: int = 6, size: int = 48, seed: int = 0) -> Path:
-    """nnU-Net raw dataset (imagesTr, labelsTr, dataset.json) under root/raw; returns its folder."""
+def write_tiny_dataset(root: Path, cases: int = 6, size: int = 48, seed: int = 0, regions: bool = False) -> Path:
+    """nnU-Net raw dataset (imagesTr, labelsTr, dataset.json) under root/raw; returns its folder. With
+    ``regions``: a region-based plan (the whole ball, its right half) and an ignore label on a slab."""
     import numpy as np
     import SimpleITK as sitk
 
@@ -55,10 +56,14 @@ def write_tiny_dataset(root: Path, cases: int = 6, size: int = 48, seed: int = 0
     rng = np.random.default_rng(seed)
     for i in range(cases):
         img, lab = sphere_case(rng, size)
+        if regions:
+            lab[:, :, :4] = 3  # the ignore label
         sitk.WriteImage(sitk.GetImageFromArray(img), str(ds / "imagesTr" / f"tiny_{i:03d}_0000.nii.gz"))
         sitk.WriteImage(sitk.GetImageFromArray(lab), str(ds / "labelsTr" / f"tiny_{i:03d}.nii.gz"))
-    (ds / "dataset.json").write_text(json.dumps({"channel_names": {"0": "CT"}, "labels": LABELS,
-                                                 "numTraining": cases, "file_ending": ".nii.gz"}))
+    meta = {"channel_names": {"0": "CT"}, "labels": LABELS, "numTraining": cases, "file_ending": ".nii.gz"}
+    if regions:
+        meta.update(labels={"background": 0, "whole": [1, 2], "right": 2, "ignore": 3}, regions_class_order=[1, 2])
+    (ds / "dataset.json").write_text(json.dumps(meta))
     return ds
 
 

@@ -26,19 +26,26 @@ TRAINER = "nnUNetTrainerLoMix_smoke"
 
 
 @pytest.fixture(scope="module")
-def nnunet_dataset(tmp_path_factory):
-    """A planned and preprocessed tiny 3D dataset and the trainer registered (removed afterwards)."""
+def trainers_installed():
+    """The LoMix trainers registered with nnU-Net (`... nnunet install`), removed afterwards unless they
+    were there before."""
+    had_shim = lk_nnunet.shim_path().exists()
+    subprocess.run([sys.executable, "-m", "lomix_kernels.integrations.nnunet", "install"], check=True)
+    yield
+    if not had_shim:
+        subprocess.run([sys.executable, "-m", "lomix_kernels.integrations.nnunet", "uninstall"], check=True)
+
+
+@pytest.fixture(scope="module")
+def nnunet_dataset(tmp_path_factory, trainers_installed):
+    """A planned and preprocessed tiny 3D dataset."""
     root = tmp_path_factory.mktemp("nnunet")
     env = tiny.nnunet_env(root)
     env["nnUNet_n_proc_DA"] = "1"
     tiny.write_tiny_dataset(root)
     tiny.plan_and_preprocess(env)
-    had_shim = lk_nnunet.shim_path().exists()
-    subprocess.run([sys.executable, "-m", "lomix_kernels.integrations.nnunet", "install"], check=True)
     env["nnUNet_n_proc_DA"] = "0"
-    yield root, env
-    if not had_shim:
-        subprocess.run([sys.executable, "-m", "lomix_kernels.integrations.nnunet", "uninstall"], check=True)
+    return root, env
 
 
 def _run(cmd, env, timeout=600):
@@ -101,6 +108,27 @@ def test_nnunet_train_validate_reload_predict(nnunet_dataset, tmp_path, monkeypa
           "-npp", 1, "-nps", 1], env)
     pred = sitk.GetArrayFromImage(sitk.ReadImage(str(tmp_path / "pred" / "case.nii.gz")))
     assert pred.shape == lab.shape and set(np.unique(pred)) <= {0, 1, 2}
+
+
+def test_nnunet_region_plan_with_ignore_label_trains(tmp_path, monkeypatch, trainers_installed):
+    """A region-based plan (overlapping regions, sigmoid) with an ignore label, through nnU-Net's own data
+    pipeline: the trainer's loss is LoMix in sigmoid mode with the ignore channel as pixel weight."""
+    env = tiny.nnunet_env(tmp_path)
+    env["nnUNet_n_proc_DA"] = "1"
+    tiny.write_tiny_dataset(tmp_path, regions=True)
+    tiny.plan_and_preprocess(env)
+    env["nnUNet_n_proc_DA"] = "0"
+    _run([BIN / "nnUNetv2_train", tiny.DATASET_ID, "3d_fullres", 0, "-tr", TRAINER, "-device", "cpu"], env)
+    fold = tmp_path / "results" / tiny.DATASET / f"{TRAINER}__nnUNetPlans__3d_fullres" / "fold_0"
+    summary = json.loads((fold / "validation" / "summary.json").read_text())
+    assert len(summary["mean"]) == 2  # the two regions
+    log = next(fold.glob("training_log_*.txt")).read_text()
+    assert "train_loss" in log and "nan" not in log.split("train_loss")[1].split("\n")[0]
+    trainer = _trainer(env, monkeypatch)
+    trainer.initialize()
+    lomix = trainer.loss.lomix
+    assert trainer.loss.regions and trainer.loss.has_ignore and lomix.options().activation == "sigmoid"
+    assert lomix.num_classes == 2 and lomix.options().include_background
 
 
 def test_nnunet_loss_ignore_label_and_regions():
