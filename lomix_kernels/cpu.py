@@ -51,6 +51,7 @@ class _Problem(ctypes.Structure):
 
 LEVELS = {"avx512": 4, "avx2": 3, "portable": 0}  # the x86-64 level each variant needs (setup.py)
 ISA_ENV = "LOMIX_CPU_ISA"  # force a variant: avx512 | avx2 | portable | native
+LIBRARY_ENV = "LOMIX_CPU_LIBRARY"  # load this kernel library file instead (benchmarks/ab.py: another build)
 
 
 def _built_variants() -> dict:
@@ -97,6 +98,13 @@ def _open(path):
 def _load():
     """Load the compiled kernels once, at import (keeps dynamo away from ctypes and os.path): ask the
     most portable build for this CPU's level (cpuid), then load the chosen variant."""
+    library = os.environ.get(LIBRARY_ENV)
+    if library:  # a kernel library built elsewhere with the same C ABI; its variant is in its file name
+        name = os.path.basename(library)[len("_lomix_cpu_"):].split(".")[0] if "_lomix_cpu_" in library else "library"
+        try:
+            return _open(library), name, ""
+        except (OSError, AttributeError) as exc:
+            return None, "", f"could not load {LIBRARY_ENV}={library!r}: {exc}"
     built = {k: v for k, v in _built_variants().items() if k != "probe"}
     if not built:
         return None, "", "the compiled CPU kernels were not found (build them: pip install --no-build-isolation -e .)"

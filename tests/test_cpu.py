@@ -265,3 +265,27 @@ def test_add_maps_from_member_exponentials_with_confident_disagreeing_stages(gap
             z[:, i % 5] += gap  # stage i is sure of class i; every add map mixes disagreeing stages
             z[:, :, :3] -= gap / 2  # and some pixels are unsure everywhere
     compare_to_reference(crit, logits, make_target(5, 2, (12, 13)))
+
+
+def test_library_override_loads_that_build(tmp_path):
+    """LOMIX_CPU_LIBRARY loads one kernel library file (benchmarks/ab.py's other build); a bad path is
+    reported, not a crash."""
+    built = cpu._built_variants()
+    name = "avx2" if "avx2" in built else sorted(k for k in built if k != "probe")[0]
+    code = "import lomix_kernels as lk; print(lk.cpu.variant(), lk.cpu.available(), lk.cpu.unavailable_reason())"
+    env = dict(os.environ, LOMIX_CPU_LIBRARY=built[name])
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True).stdout
+    assert out.split()[:2] == [name, "True"], out
+    env["LOMIX_CPU_LIBRARY"] = str(tmp_path / "_lomix_cpu_missing.so")
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True).stdout
+    assert "False" in out and "LOMIX_CPU_LIBRARY" in out, out
+
+
+def test_ab_script_compares_against_a_revision():
+    """benchmarks/ab.py builds a git revision's kernels and times them against this tree's, interleaved."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    p = subprocess.run([sys.executable, os.path.join(root, "benchmarks", "ab.py"), "HEAD", "--config", "smoke2d",
+                        "--pairs", "2", "--repeats", "1", "--variant", cpu.variant()],
+                       capture_output=True, text=True, timeout=600, cwd=root)
+    assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-2000:]
+    assert "2 interleaved pairs" in p.stdout and "current / HEAD = " in p.stdout
