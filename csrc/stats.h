@@ -5,62 +5,21 @@
 
 namespace {
 
-// Activation of map logits z (C×TP) into tl.s. Sigmoid: s = σ(z). Softmax: s = exp(z − max),
-// left unnormalized (consumers multiply by tl.inv = 1/Σ_c while they read it), and tl.lse.
-void activate(const Problem& pr, const float* __restrict z, Tile& tl) {
-  const int C = (int)pr.classes;
-  float* __restrict s = tl.s.data();
-  if (pr.sigmoid) {
-    for (int e = 0; e < C * TP; ++e) {
-      const float ez = fast_exp(-std::fabs(z[e]));
-      const float iv = 1.0f / (1.0f + ez);
-      s[e] = z[e] >= 0.0f ? iv : ez * iv;
-    }
-    return;
-  }
-  float m[TP], sum[TP];
+// The shifted exponentials of a softmax over classes: m = max_c z (TP) and e = exp(z − m) (C×TP).
+inline void shifted_exps(const float* __restrict z, int C, float* __restrict e, float* __restrict m) {
   for (int p = 0; p < TP; ++p) m[p] = z[p];
   for (int c = 1; c < C; ++c)
     for (int p = 0; p < TP; ++p) {
       const float v = z[(size_t)c * TP + p];
       m[p] = v > m[p] ? v : m[p];
     }
-  for (int p = 0; p < TP; ++p) sum[p] = 0.0f;
   for (int c = 0; c < C; ++c)
-    for (int p = 0; p < TP; ++p) {
-      const float e = fast_exp(z[(size_t)c * TP + p] - m[p]);
-      s[(size_t)c * TP + p] = e;
-      sum[p] += e;
-    }
-  float* __restrict lse = tl.lse;
-  float* __restrict inv = tl.inv;
-  for (int p = 0; p < TP; ++p) {
-    lse[p] = m[p] + fast_log(sum[p]);
-    inv[p] = 1.0f / sum[p];
-  }
-}
-
-// exp(x_j − max_c x_j) of stage j alone into tl.ex (and the max into tl.emax), once per tile: an
-// original map's softmax and the factors of every add map's exponentials.
-void stage_exp(const Problem& pr, Tile& tl, int j) {
-  if (tl.ex_ready[j]) return;
-  const int C = (int)pr.classes;
-  const float* __restrict x = tl.xs(j, 0);
-  float* __restrict e = tl.exs(j);
-  float* __restrict m = &tl.emax[(size_t)j * TP];
-  for (int p = 0; p < TP; ++p) m[p] = x[p];
-  for (int c = 1; c < C; ++c)
-    for (int p = 0; p < TP; ++p) {
-      const float v = x[(size_t)c * TP + p];
-      m[p] = v > m[p] ? v : m[p];
-    }
-  for (int c = 0; c < C; ++c)
-    for (int p = 0; p < TP; ++p) e[(size_t)c * TP + p] = fast_exp(x[(size_t)c * TP + p] - m[p]);
-  tl.ex_ready[j] = 1;
+    for (int p = 0; p < TP; ++p) e[(size_t)c * TP + p] = fast_exp(z[(size_t)c * TP + p] - m[p]);
 }
 
 // lse and inv of the unnormalized exponentials in tl.s, whose shift is m (TP). False (nothing
-// written) when some pixel's sum is below 1e-20: its exponentials underflowed.
+// written) when some pixel's sum is below 1e-20: its exponentials underflowed (never for a shift by
+// the max, whose class contributes exp(0) = 1).
 bool finish_softmax(int C, const float* __restrict m, Tile& tl) {
   const float* __restrict s = tl.s.data();
   float sum[TP];
@@ -75,6 +34,32 @@ bool finish_softmax(int C, const float* __restrict m, Tile& tl) {
     tl.inv[p] = 1.0f / sum[p];
   }
   return true;
+}
+
+// Activation of map logits z (C×TP) into tl.s. Sigmoid: s = σ(z). Softmax: s = exp(z − max),
+// left unnormalized (consumers multiply by tl.inv = 1/Σ_c while they read it), and tl.lse.
+void activate(const Problem& pr, const float* __restrict z, Tile& tl) {
+  const int C = (int)pr.classes;
+  float* __restrict s = tl.s.data();
+  if (pr.sigmoid) {
+    for (int e = 0; e < C * TP; ++e) {
+      const float ez = fast_exp(-std::fabs(z[e]));
+      const float iv = 1.0f / (1.0f + ez);
+      s[e] = z[e] >= 0.0f ? iv : ez * iv;
+    }
+    return;
+  }
+  float m[TP];
+  shifted_exps(z, C, s, m);
+  finish_softmax(C, m, tl);
+}
+
+// exp(x_j − max_c x_j) of stage j alone into tl.ex (and the max into tl.emax), once per tile: an
+// original map's softmax and the factors of every add map's exponentials.
+void stage_exp(const Problem& pr, Tile& tl, int j) {
+  if (tl.ex_ready[j]) return;
+  shifted_exps(tl.xs(j, 0), (int)pr.classes, tl.exs(j), &tl.emax[(size_t)j * TP]);
+  tl.ex_ready[j] = 1;
 }
 
 // Activation of map u (logits z, from build_map) into tl.s / tl.lse / tl.inv, as activate() does;
@@ -93,7 +78,7 @@ void activate_map(const Problem& pr, const Layout& ly, int u, const float* z, Ti
   if (op == OP_ORIG) {
     stage_exp(pr, tl, arg);
     std::memcpy(s, tl.exs(arg), sizeof(float) * C * TP);
-    if (!finish_softmax(C, &tl.emax[(size_t)arg * TP], tl)) activate(pr, z, tl);  // (never: the max class is 1)
+    finish_softmax(C, &tl.emax[(size_t)arg * TP], tl);  // never false: the max class contributes exp(0) = 1
     return;
   }
   const int k = pr.subset_size[arg];
