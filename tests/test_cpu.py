@@ -267,6 +267,8 @@ def test_add_maps_from_member_exponentials_with_confident_disagreeing_stages(gap
     compare_to_reference(crit, logits, make_target(5, 2, (12, 13)))
 
 
+@pytest.mark.skipif(bool(os.environ.get(cpu.ISA_ENV)), reason="build tooling, not a variant: run once, "
+                    "outside the forced-variant runs")
 def test_library_override_loads_that_build(tmp_path):
     """LOMIX_CPU_LIBRARY loads one kernel library file (benchmarks/ab.py's other build); a bad path is
     reported, not a crash."""
@@ -281,6 +283,8 @@ def test_library_override_loads_that_build(tmp_path):
     assert "False" in out and "LOMIX_CPU_LIBRARY" in out, out
 
 
+@pytest.mark.skipif(bool(os.environ.get(cpu.ISA_ENV)), reason="build tooling, not a variant: run once, "
+                    "outside the forced-variant runs")
 def test_ab_script_compares_against_a_revision():
     """benchmarks/ab.py builds a git revision's kernels and times them against this tree's, interleaved."""
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
