@@ -3,9 +3,11 @@ FP32 operations and exponentials per output pixel — and for the CPU's peak it 
 (benchmarks/gpu.py divides the same work by the GPU's lanes and SFUs).
 
 CPU floor = max(compute, memory):
-- compute: (ops + exps × CPU_EXP_OPS) × pixels / (threads × vector lanes × FMA_PORTS × clock), with
-  the lanes of the ISA variant that ran (16 AVX-512, 8 AVX2, 4 otherwise), the clock /proc/cpuinfo
-  reports, and an exponential or logarithm costing what csrc/simd.h's polynomial kernels issue;
+- compute: (ops + exps × CPU_EXP_OPS) × pixels / (threads × vector lanes × vector FMAs per second),
+  with the lanes of the ISA variant that ran (16 AVX-512, 8 AVX2, 4 otherwise) and the FMA rate the
+  kernel library itself measures on this machine (lomix_kernels.cpu.vector_fma_rate: 12 independent
+  chains, so the FMA pipes' throughput at the clock they run at) — a measured peak, not a guessed pipe
+  count and clock; an exponential or logarithm costs what csrc/simd.h's polynomial kernels issue;
 - memory: the bytes a fused pass must move (logits read twice, their gradients written once, the
   target read twice) / this process's measured copy bandwidth.
 """
@@ -14,7 +16,6 @@ from __future__ import annotations
 import time
 
 CPU_EXP_OPS = 18  # fast_exp in csrc/simd.h: clamp 2, range reduction 5, polynomial 7, scale 4 (fast_log: 22)
-FMA_PORTS = 2  # vector FMA pipes per core assumed (server x86 cores with AVX-512 or AVX2 have two)
 LANES = {"avx512": 16, "native": 16, "avx2": 8, "portable": 4}
 
 
@@ -42,13 +43,11 @@ def work_per_pixel(crit):
     return ops, exps
 
 
-def cpu_clock_hz() -> float:
-    """The highest 'cpu MHz' /proc/cpuinfo reports (2.5 GHz where it reports none)."""
-    try:
-        mhz = [float(line.split(":")[1]) for line in open("/proc/cpuinfo") if line.startswith("cpu MHz")]
-    except OSError:
-        mhz = []
-    return (max(mhz) if mhz else 2500.0) * 1e6
+def vector_fma_rate() -> float:
+    """Vector FMAs per second one thread sustains with the loaded kernel library (best of 3)."""
+    from lomix_kernels import cpu
+
+    return max(cpu.vector_fma_rate() for _ in range(3))
 
 
 def cpu_copy_bandwidth() -> float:
@@ -68,7 +67,7 @@ def cpu_copy_bandwidth() -> float:
 def cpu_floor(crit, pixels: int, logits_mb: float, target_mb: float, threads: int, variant: str) -> dict:
     """floor_compute_s, floor_memory_s and floor_s of one fused CPU forward+backward."""
     ops, exps = work_per_pixel(crit)
-    peak = threads * LANES.get(variant, 4) * FMA_PORTS * cpu_clock_hz()
+    peak = threads * LANES.get(variant, 4) * vector_fma_rate()
     compute = (ops + exps * CPU_EXP_OPS) * pixels / peak
     memory = 2 ** 20 * (3 * logits_mb + 2 * target_mb) / cpu_copy_bandwidth()
     return {"floor_compute_s": compute, "floor_memory_s": memory, "floor_s": max(compute, memory)}

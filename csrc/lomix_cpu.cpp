@@ -28,6 +28,22 @@ extern "C" {
 
 int lomix_cpu_abi_version() { return 1; }
 
+// This thread's sustained rate of vector multiply-adds (vectors of this build's width, VW lanes) per
+// second: 12 independent chains, so latency is hidden and only the FMA pipes count. benchmarks/floor.py
+// divides its operation count by it (a measured peak, not a guessed pipe count and clock).
+double lomix_cpu_vector_fma_rate(int64_t iters) {
+  vf acc[12];
+  const vf m = vf{} + 1.0000001f, add = vf{} + 1e-7f;
+  for (int i = 0; i < 12; ++i) acc[i] = vf{} + (float)i;
+  const auto t0 = std::chrono::steady_clock::now();
+  for (int64_t it = 0; it < iters; ++it)
+    for (int i = 0; i < 12; ++i) acc[i] = acc[i] * m + add;
+  const double seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+  float sink = 0.0f;
+  for (int i = 0; i < 12; ++i) sink += acc[i][0];
+  return sink == 12345.0f ? 0.0 : 12.0 * (double)iters / seconds;  // (sink keeps the chains alive)
+}
+
 // Forward sums. Outputs (float32): ce, inter, zsum (M, B, C); tsum, tpow (B, C); count (B,).
 // Returns an Err code (0 = ok); *err_value holds the offending class index / stage.
 int lomix_cpu_forward(const Problem* prp, float* ce, float* inter, float* zsum, float* tsum,

@@ -136,6 +136,16 @@ def unavailable_reason() -> str:
     return _LOAD_ERROR
 
 
+def vector_fma_rate(iters: int = 20_000_000) -> float:
+    """Vector multiply-adds per second this thread sustains with the loaded kernels' vectors (measured
+    by the library itself, ~0.1 s): the peak benchmarks/floor.py divides by."""
+    if _LIB is None:
+        raise RuntimeError(f"the CPU kernels are not loaded: {_LOAD_ERROR}")
+    fn = _LIB.lomix_cpu_vector_fma_rate
+    fn.restype, fn.argtypes = ctypes.c_double, [ctypes.c_int64]
+    return float(fn(iters))
+
+
 def _ptr(t: Optional[Tensor]):
     return None if t is None else ctypes.c_void_p(t.data_ptr())
 
