@@ -14,7 +14,6 @@ the Python side is always this tree's. Build this tree first (``make setup`` or 
 from __future__ import annotations
 
 import argparse
-import glob
 import math
 import os
 import subprocess
@@ -29,10 +28,13 @@ from run import _worker_process  # noqa: E402  (one worker: the same timing as m
 
 
 def library(folder: Path, variant: str) -> str:
-    found = sorted(glob.glob(str(folder / "lomix_kernels" / f"_lomix_cpu_{variant}*.so")))
+    """The ``variant`` kernel library built in the checkout at ``folder``."""
+    from lomix_kernels.cpu import _built_variants  # one place for the libraries' file names
+
+    found = _built_variants(str(folder / "lomix_kernels")).get(variant)
     if not found:
         raise SystemExit(f"no {variant} kernel library in {folder / 'lomix_kernels'}")
-    return found[0]
+    return found
 
 
 def build_revision(rev: str, into: Path) -> None:

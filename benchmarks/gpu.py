@@ -225,8 +225,10 @@ def summarize(rows) -> str:
     def t(r):
         if "median_s" in r:
             return f"{r['median_s'] * 1e3:.2f} ms"
-        if "skipped" in r or not r:
-            return "skipped" if r else "—"
+        if not r:
+            return "—"
+        if "skipped" in r:
+            return "skipped"
         error = r.get("error", "")
         return "timed out" if "timed out" in error else "OOM" if "out of memory" in error.lower() else "error"
 

@@ -194,8 +194,7 @@ def floor_ratio(r) -> str:
     if "median_s" not in r or not r.get("floor_s"):
         return "—"
     ms = r["floor_s"] * 1e3
-    return f"{r['median_s'] / r['floor_s']:.2f}x of {ms:.0f} ms" if ms >= 10 else \
-        f"{r['median_s'] / r['floor_s']:.2f}x of {ms:.2g} ms"
+    return f"{r['median_s'] / r['floor_s']:.2f}x of {ms:{'.0f' if ms >= 10 else '.2g'}} ms"
 
 
 def summarize(rows) -> str:

@@ -54,13 +54,18 @@ ISA_ENV = "LOMIX_CPU_ISA"  # force a variant: avx512 | avx2 | portable | native
 LIBRARY_ENV = "LOMIX_CPU_LIBRARY"  # load this kernel library file instead (benchmarks/ab.py: another build)
 
 
-def _built_variants() -> dict:
-    """{variant: path} of the compiled kernel libraries next to this file (_lomix_cpu_<variant>*.so)."""
-    here = os.path.dirname(os.path.abspath(__file__))
+def _variant_of(path: str) -> str:
+    """The variant a kernel library's file name says: _lomix_cpu_<variant>*.so ("library" if none)."""
+    name = os.path.basename(path)
+    return name[len("_lomix_cpu_"):].split(".")[0] if name.startswith("_lomix_cpu_") else "library"
+
+
+def _built_variants(folder: Optional[str] = None) -> dict:
+    """{variant: path} of the compiled kernel libraries in ``folder`` (default: next to this file)."""
+    here = folder or os.path.dirname(os.path.abspath(__file__))
     out = {}
     for path in sorted(glob.glob(os.path.join(here, "_lomix_cpu_*.so"))):
-        name = os.path.basename(path)[len("_lomix_cpu_"):].split(".")[0]
-        out.setdefault(name, path)
+        out.setdefault(_variant_of(path), path)
     return out
 
 
@@ -100,9 +105,8 @@ def _load():
     most portable build for this CPU's level (cpuid), then load the chosen variant."""
     library = os.environ.get(LIBRARY_ENV)
     if library:  # a kernel library built elsewhere with the same C ABI; its variant is in its file name
-        name = os.path.basename(library)[len("_lomix_cpu_"):].split(".")[0] if "_lomix_cpu_" in library else "library"
         try:
-            return _open(library), name, ""
+            return _open(library), _variant_of(library), ""
         except (OSError, AttributeError) as exc:
             return None, "", f"could not load {LIBRARY_ENV}={library!r}: {exc}"
     built = {k: v for k, v in _built_variants().items() if k != "probe"}
