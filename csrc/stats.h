@@ -26,9 +26,9 @@ bool finish_softmax(int C, const float* __restrict m, Tile& tl) {
   for (int p = 0; p < TP; ++p) sum[p] = s[p];
   for (int c = 1; c < C; ++c)
     for (int p = 0; p < TP; ++p) sum[p] += s[(size_t)c * TP + p];
-  float smallest = sum[0];
-  for (int p = 1; p < TP; ++p) smallest = sum[p] < smallest ? sum[p] : smallest;
-  if (!(smallest >= 1e-20f)) return false;
+  int underflow = 0;  // an OR, not a running min: a min over floats does not vectorize (NaN order)
+  for (int p = 0; p < TP; ++p) underflow |= !(sum[p] >= 1e-20f);
+  if (underflow) return false;
   for (int p = 0; p < TP; ++p) {
     tl.lse[p] = m[p] + fast_log(sum[p]);
     tl.inv[p] = 1.0f / sum[p];
