@@ -104,18 +104,10 @@ void op_backward(const Problem& pr, const Layout& ly, int u, Tile& tl, float* dp
       const float* W = pr.cat_w + ly.cat_w_off[arg];
       float* dW = dparams + ly.cat_w_off[arg];
       float* db = dparams + ly.cat_w_n + ly.cat_b_off[arg];
+      add_reduced(db, C, [&](int c) { return row_sum(row_load(g + (size_t)c * TP)); });
       for (int c = 0; c < C; ++c) {
         const Row grow = row_load(g + (size_t)c * TP);  // held in registers across the K dot products
-        db[c] += hsum(row_sum(grow));
-        float* dWc = dW + (size_t)c * K;
-        for (int q0 = 0; q0 < K; q0 += VW) {  // VW (member, class) columns at a time
-          const int nq = std::min(VW, K - q0);
-          vf acc[VW];
-          for (int q = 0; q < VW; ++q)
-            acc[q] = q < nq ? row_dot(grow, tl.xs(mem[(q0 + q) / C], (q0 + q) % C)) : vf{};
-          const vf sums = reduce_lanes(acc);
-          for (int q = 0; q < nq; ++q) dWc[q0 + q] += sums[q];
-        }
+        add_reduced(dW + (size_t)c * K, K, [&](int q) { return row_dot(grow, tl.xs(mem[q / C], q % C)); });
       }
       for (int j = 0; j < k; ++j) {
         int c2 = 0;
@@ -150,13 +142,12 @@ void op_backward(const Problem& pr, const Layout& ly, int u, Tile& tl, float* dp
         for (int p = 0; p < TP; ++p) dot[p] += al[(size_t)j * TP + p] * da[(size_t)j * TP + p];
       for (int j = 0; j < k; ++j)
         for (int p = 0; p < TP; ++p) da[(size_t)j * TP + p] = al[(size_t)j * TP + p] * (da[(size_t)j * TP + p] - dot[p]);
-      for (int r = 0; r < k; ++r) {
+      add_reduced(dc, k, [&](int r) { return row_sum(row_load(da + (size_t)r * TP)); });
+      for (int r = 0; r < k; ++r) {  // dV[r, j·C + c2] += <da_r, x_{s_j, c2}>, only j = r when block-diagonal
         const Row darow = row_load(da + (size_t)r * TP);
-        dc[r] += hsum(row_sum(darow));
-        for (int j = 0; j < k; ++j) {
-          if (pr.awf_block_diagonal && j != r) continue;
-          for (int c2 = 0; c2 < C; ++c2) dV[(size_t)r * K + j * C + c2] += hsum(row_dot(darow, tl.xs(mem[j], c2)));
-        }
+        const int q0 = pr.awf_block_diagonal ? r * C : 0;
+        add_reduced(dV + (size_t)r * K + q0, pr.awf_block_diagonal ? C : K,
+                    [&](int q) { return row_dot(darow, tl.xs(mem[(q0 + q) / C], (q0 + q) % C)); });
       }
       for (int j = 0; j < k; ++j)
         for (int c2 = 0; c2 < C; ++c2) {

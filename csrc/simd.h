@@ -135,6 +135,26 @@ inline vf row_sum(const Row& a) {
   return r;
 }
 
+// dst[q] += (the lanes of part(q) summed) for q < n: VW partials reduced together by reduce_lanes and
+// added to dst as one vector (no per-parameter horizontal sum: a scalar chain of VW dependent adds).
+template <class Part>
+inline void add_reduced(float* dst, int n, Part part) {
+  for (int q0 = 0; q0 < n; q0 += VW) {
+    const int nq = std::min(VW, n - q0);
+    vf acc[VW];
+    for (int q = 0; q < VW; ++q) acc[q] = q < nq ? part(q0 + q) : vf{};
+    const vf sums = reduce_lanes(acc);
+    if (nq == VW) {
+      vf d;
+      std::memcpy(&d, dst + q0, sizeof d);
+      d += sums;
+      std::memcpy(dst + q0, &d, sizeof d);
+    } else {
+      for (int q = 0; q < nq; ++q) dst[q0 + q] += sums[q];
+    }
+  }
+}
+
 inline float sum_tp(const float* __restrict a) {
   float acc = 0.0f;
 #pragma omp simd reduction(+ : acc)
