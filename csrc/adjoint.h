@@ -67,8 +67,8 @@ inline void cat_adjoint_rows(const float* W, int K, int j, int c2, int C, const 
 }
 
 // Push tl.g (dL/dz_u) through the operator of map u into tl.gx and the parameter partials.
-// dparams: one float partial per packed parameter (per thread, flushed to double by the caller).
-void op_backward(const Problem& pr, const Layout& ly, int u, Tile& tl, float* dparams) {
+// dparams: one VW-lane partial per packed parameter (per thread, folded into double by the caller).
+void op_backward(const Problem& pr, const Layout& ly, int u, Tile& tl, vf* dparams) {
   const int C = ly.C;
   const int op = pr.map_op[u], arg = pr.map_arg[u];
   const float* __restrict g = tl.g.data();
@@ -102,12 +102,14 @@ void op_backward(const Problem& pr, const Layout& ly, int u, Tile& tl, float* dp
       break;
     case OP_CAT: {
       const float* W = pr.cat_w + ly.cat_w_off[arg];
-      float* dW = dparams + ly.cat_w_off[arg];
-      float* db = dparams + ly.cat_w_n + ly.cat_b_off[arg];
-      add_reduced(db, C, [&](int c) { return row_sum(row_load(g + (size_t)c * TP)); });
+      vf* dW = dparams + ly.cat_w_off[arg];
+      vf* db = dparams + ly.cat_w_n + ly.cat_b_off[arg];
       for (int c = 0; c < C; ++c) {
         const Row grow = row_load(g + (size_t)c * TP);  // held in registers across the K dot products
-        add_reduced(dW + (size_t)c * K, K, [&](int q) { return row_dot(grow, tl.xs(mem[q / C], q % C)); });
+        db[c] += row_sum(grow);
+        vf* dWc = dW + (size_t)c * K;
+        for (int j = 0; j < k; ++j)
+          for (int c2 = 0; c2 < C; ++c2) dWc[j * C + c2] = row_dot(grow, tl.xs(mem[j], c2), dWc[j * C + c2]);
       }
       for (int j = 0; j < k; ++j) {
         int c2 = 0;
@@ -118,8 +120,8 @@ void op_backward(const Problem& pr, const Layout& ly, int u, Tile& tl, float* dp
     }
     case OP_AWF: {
       const float* V = pr.awf_v + ly.awf_v_off[arg];
-      float* dV = dparams + ly.cat_w_n + ly.cat_b_n + ly.awf_v_off[arg];
-      float* dc = dparams + ly.cat_w_n + ly.cat_b_n + ly.awf_v_n + ly.awf_c_off[arg];
+      vf* dV = dparams + ly.cat_w_n + ly.cat_b_n + ly.awf_v_off[arg];
+      vf* dc = dparams + ly.cat_w_n + ly.cat_b_n + ly.awf_v_n + ly.awf_c_off[arg];
       const float* __restrict al = tl.alpha.data();
       float* __restrict da = tl.dalpha.data();
       for (int j = 0; j < k; ++j) {  // dz_{s_j} += α_j g ; dα_j = <g, z_{s_j}>
@@ -142,12 +144,14 @@ void op_backward(const Problem& pr, const Layout& ly, int u, Tile& tl, float* dp
         for (int p = 0; p < TP; ++p) dot[p] += al[(size_t)j * TP + p] * da[(size_t)j * TP + p];
       for (int j = 0; j < k; ++j)
         for (int p = 0; p < TP; ++p) da[(size_t)j * TP + p] = al[(size_t)j * TP + p] * (da[(size_t)j * TP + p] - dot[p]);
-      add_reduced(dc, k, [&](int r) { return row_sum(row_load(da + (size_t)r * TP)); });
       for (int r = 0; r < k; ++r) {  // dV[r, j·C + c2] += <da_r, x_{s_j, c2}>, only j = r when block-diagonal
         const Row darow = row_load(da + (size_t)r * TP);
-        const int q0 = pr.awf_block_diagonal ? r * C : 0;
-        add_reduced(dV + (size_t)r * K + q0, pr.awf_block_diagonal ? C : K,
-                    [&](int q) { return row_dot(darow, tl.xs(mem[(q0 + q) / C], (q0 + q) % C)); });
+        dc[r] += row_sum(darow);
+        for (int j = 0; j < k; ++j) {
+          if (pr.awf_block_diagonal && j != r) continue;
+          vf* dVrj = dV + (size_t)r * K + j * C;
+          for (int c2 = 0; c2 < C; ++c2) dVrj[c2] = row_dot(darow, tl.xs(mem[j], c2), dVrj[c2]);
+        }
       }
       for (int j = 0; j < k; ++j)
         for (int c2 = 0; c2 < C; ++c2) {

@@ -70,7 +70,7 @@ int lomix_cpu_forward(const Problem* prp, float* ce, float* inter, float* zsum, 
       const Item item = items[it];
       double* acc = &part[(size_t)it * item_block];
       auto flush = [&]() {
-        for (size_t e = 0; e < map_block; ++e) { acc[e] += hsum(lanes[e]); lanes[e] = vf{}; }
+        fold_lanes(acc, lanes, map_block);
       };
       std::fill(lane_buf.begin(), lane_buf.end(), 0.0f);
       int64_t tiles = 0;
@@ -154,17 +154,14 @@ int lomix_cpu_backward(const Problem* prp, const float* gce, const float* ginter
   {
     const FlushDenormals ftz;
     Tile tl(L, C, ly.max_k);
-    std::vector<float> lanes((size_t)nP);  // per-parameter float partials of the current flush window
+    std::vector<float> lane_buf((size_t)nP * VW);  // per-parameter VW-lane partials of the current flush window
+    vf* dp = (vf*)lane_buf.data();
 #pragma omp for schedule(dynamic, 1)
     for (int64_t it = 0; it < nI; ++it) {
       const Item item = items[it];
-      float* dp = lanes.data();
       double* out = nP ? &part[(size_t)it * nP] : nullptr;
-      auto flush = [&]() {
-        for (int64_t e = 0; e < nP; ++e) out[e] += dp[e];
-        std::fill(lanes.begin(), lanes.end(), 0.0f);
-      };
-      std::fill(lanes.begin(), lanes.end(), 0.0f);
+      auto flush = [&]() { fold_lanes(out, dp, (size_t)nP); };
+      std::fill(lane_buf.begin(), lane_buf.end(), 0.0f);
       int64_t tiles = 0;
       for (int64_t p0 = item.p0; p0 < item.p1; p0 += TP) {
         const int n = (int)std::min<int64_t>(TP, item.p1 - p0);

@@ -87,10 +87,11 @@ inline void row_fma(Row& acc, const float* a, const float* x) {  // acc += a ⊙
   for (int i = 0; i < NV; ++i) acc.v[i] += *(const vf*)(a + VW * i) * *(const vf*)(x + VW * i);
 }
 
-// Parameter gradients: per tile, each is a dot product over the TP pixels. They are reduced to
-// one float per parameter (a compact, L1-resident per-thread buffer, folded into the item's double
-// partials every FLUSH_TILES tiles). VW dot products at a time are reduced together (with AVX-512
-// by a transpose-and-add tree: 15 shuffles + adds for 16 sums instead of 16 horizontal reductions).
+// Parameter gradients: per tile, each is a dot product over the TP pixels, accumulated into one VW-lane
+// partial per parameter (a per-thread buffer; no horizontal reduction per tile), folded into the item's
+// double partials every FLUSH_TILES tiles, VW of them at a time (with AVX-512 by a transpose-and-add
+// tree: 15 shuffles + adds for 16 sums instead of 16 horizontal reductions). The forward's per-map
+// sums take the same route.
 inline float hsum(vf v) {
   float s = 0.0f;
   for (int l = 0; l < VW; ++l) s += v[l];
@@ -123,9 +124,8 @@ inline vf reduce_lanes(vf a[VW]) {  // lane i of the result = Σ lanes of a[i]
 }
 #endif
 
-inline vf row_dot(const Row& a, const float* b) {  // per-lane partial of <a, b> over TP pixels
-  vf r = a.v[0] * *(const vf*)b;
-  for (int i = 1; i < NV; ++i) r += a.v[i] * *(const vf*)(b + VW * i);
+inline vf row_dot(const Row& a, const float* b, vf r) {  // r + the per-lane partial of <a, b> over TP pixels
+  for (int i = 0; i < NV; ++i) r += a.v[i] * *(const vf*)(b + VW * i);
   return r;
 }
 
@@ -135,22 +135,17 @@ inline vf row_sum(const Row& a) {
   return r;
 }
 
-// dst[q] += (the lanes of part(q) summed) for q < n: VW partials reduced together by reduce_lanes and
-// added to dst as one vector (no per-parameter horizontal sum: a scalar chain of VW dependent adds).
-template <class Part>
-inline void add_reduced(float* dst, int n, Part part) {
-  for (int q0 = 0; q0 < n; q0 += VW) {
-    const int nq = std::min(VW, n - q0);
+// dst[e] += (the lanes of lanes[e] summed), then lanes[e] = 0, for e < n: VW partials reduced together by
+// reduce_lanes (no per-element horizontal sum, a scalar chain of VW dependent adds).
+inline void fold_lanes(double* dst, vf* lanes, size_t n) {
+  for (size_t e0 = 0; e0 < n; e0 += VW) {
+    const int nq = (int)std::min<size_t>(VW, n - e0);
     vf acc[VW];
-    for (int q = 0; q < VW; ++q) acc[q] = q < nq ? part(q0 + q) : vf{};
+    for (int q = 0; q < VW; ++q) acc[q] = q < nq ? lanes[e0 + q] : vf{};
     const vf sums = reduce_lanes(acc);
-    if (nq == VW) {
-      vf d;
-      std::memcpy(&d, dst + q0, sizeof d);
-      d += sums;
-      std::memcpy(dst + q0, &d, sizeof d);
-    } else {
-      for (int q = 0; q < nq; ++q) dst[q0 + q] += sums[q];
+    for (int q = 0; q < nq; ++q) {
+      dst[e0 + q] += sums[q];
+      lanes[e0 + q] = vf{};
     }
   }
 }
