@@ -14,7 +14,8 @@ inline void shifted_exps(const float* __restrict z, int C, float* __restrict e, 
       m[p] = v > m[p] ? v : m[p];
     }
   for (int c = 0; c < C; ++c)
-    for (int p = 0; p < TP; ++p) e[(size_t)c * TP + p] = fast_exp(z[(size_t)c * TP + p] - m[p]);
+    for (int i = 0; i < NV; ++i)
+      *(vf*)(e + (size_t)c * TP + VW * i) = exp_v(*(const vf*)(z + (size_t)c * TP + VW * i) - *(const vf*)(m + VW * i));
 }
 
 // lse and inv of the unnormalized exponentials in tl.s, whose shift is m (TP). False (nothing
