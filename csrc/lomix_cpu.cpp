@@ -81,7 +81,7 @@ int lomix_cpu_forward(const Problem* prp, float* ce, float* inter, float* zsum, 
         if (errs[it].code != ERR_NONE) break;
         for (int u = 0; u < M; ++u) {
           const float* z = build_map(pr, ly, u, tl);
-          activate_map(pr, ly, u, z, tl);
+          activate_map(pr, ly, u, z, tl, true);
           accumulate_stats(pr, z, tl, &lanes[(size_t)u * 3 * C]);
         }
         double* tg = acc + map_block;
@@ -170,8 +170,9 @@ int lomix_cpu_backward(const Problem* prp, const float* gce, const float* ginter
         std::fill(tl.gx.begin(), tl.gx.end(), 0.0f);
         for (int u = 0; u < M; ++u) {
           const size_t o = ((size_t)u * B + item.b) * C;
-          const float* z = build_map(pr, ly, u, tl);
-          activate_map(pr, ly, u, z, tl);
+          // an add map's softmax from its members' exponentials needs no logits (built only for a fallback)
+          const bool skip_logits = by_product(pr, ly, u) && pr.map_op[u] == OP_ADD;
+          activate_map(pr, ly, u, skip_logits ? nullptr : build_map(pr, ly, u, tl), tl, false);
           map_grad(pr, tl, gce + o, ginter + o, gzsum + o);
           op_backward(pr, ly, u, tl, dp);
         }

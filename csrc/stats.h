@@ -1,7 +1,7 @@
 // Activation (softmax / sigmoid) of a map and its per-class statistics (CE, intersection, sum).
 #pragma once
 
-#include "layout.h"
+#include "maps.h"
 
 namespace {
 
@@ -18,10 +18,10 @@ inline void shifted_exps(const float* __restrict z, int C, float* __restrict e, 
       *(vf*)(e + (size_t)c * TP + VW * i) = exp_v(*(const vf*)(z + (size_t)c * TP + VW * i) - *(const vf*)(m + VW * i));
 }
 
-// lse and inv of the unnormalized exponentials in tl.s, whose shift is m (TP). False (nothing
-// written) when some pixel's sum is below 1e-20: its exponentials underflowed (never for a shift by
-// the max, whose class contributes exp(0) = 1).
-bool finish_softmax(int C, const float* __restrict m, Tile& tl) {
+// inv (and with_lse: lse) of the unnormalized exponentials in tl.s, whose shift is m (TP). False
+// (nothing written) when some pixel's sum is below 1e-20: its exponentials underflowed (never for a
+// shift by the max, whose class contributes exp(0) = 1). The backward needs no lse (no logarithm).
+bool finish_softmax(int C, const float* __restrict m, Tile& tl, bool with_lse) {
   const float* __restrict s = tl.s.data();
   float sum[TP];
   for (int p = 0; p < TP; ++p) sum[p] = s[p];
@@ -30,16 +30,15 @@ bool finish_softmax(int C, const float* __restrict m, Tile& tl) {
   int underflow = 0;  // an OR, not a running min: a min over floats does not vectorize (NaN order)
   for (int p = 0; p < TP; ++p) underflow |= !(sum[p] >= 1e-20f);
   if (underflow) return false;
-  for (int p = 0; p < TP; ++p) {
-    tl.lse[p] = m[p] + fast_log(sum[p]);
-    tl.inv[p] = 1.0f / sum[p];
-  }
+  if (with_lse)
+    for (int p = 0; p < TP; ++p) tl.lse[p] = m[p] + fast_log(sum[p]);
+  for (int p = 0; p < TP; ++p) tl.inv[p] = 1.0f / sum[p];
   return true;
 }
 
 // Activation of map logits z (C×TP) into tl.s. Sigmoid: s = σ(z). Softmax: s = exp(z − max),
-// left unnormalized (consumers multiply by tl.inv = 1/Σ_c while they read it), and tl.lse.
-void activate(const Problem& pr, const float* __restrict z, Tile& tl) {
+// left unnormalized (consumers multiply by tl.inv = 1/Σ_c while they read it), and (with_lse) tl.lse.
+void activate(const Problem& pr, const float* __restrict z, Tile& tl, bool with_lse) {
   const int C = (int)pr.classes;
   float* __restrict s = tl.s.data();
   if (pr.sigmoid) {
@@ -52,7 +51,7 @@ void activate(const Problem& pr, const float* __restrict z, Tile& tl) {
   }
   float m[TP];
   shifted_exps(z, C, s, m);
-  finish_softmax(C, m, tl);
+  finish_softmax(C, m, tl, with_lse);
 }
 
 // exp(x_j − max_c x_j) of stage j alone into tl.ex (and the max into tl.emax), once per tile: an
@@ -68,10 +67,14 @@ void stage_exp(const Problem& pr, Tile& tl, int j) {
 // add map's are the products of its members': exp(Σ_j x_j − Σ_j m_j) = Π_j exp(x_j − m_j), no
 // exponential of its own (exact in exact arithmetic; where a pixel's product sum underflows, the
 // tile falls back to activate()). The kernels run with denormals flushed to zero (FlushDenormals).
-void activate_map(const Problem& pr, const Layout& ly, int u, const float* z, Tile& tl) {
+// z may be null for such an add map (the backward skips its build): it is built here only for a fallback.
+inline bool by_product(const Problem& pr, const Layout& ly, int u) {
+  return ly.add_by_product && (pr.map_op[u] == OP_ORIG || pr.map_op[u] == OP_ADD);
+}
+void activate_map(const Problem& pr, const Layout& ly, int u, const float* z, Tile& tl, bool with_lse) {
   const int op = pr.map_op[u];
-  if (!ly.add_by_product || (op != OP_ORIG && op != OP_ADD)) {
-    activate(pr, z, tl);
+  if (!by_product(pr, ly, u)) {
+    activate(pr, z, tl, with_lse);
     return;
   }
   const int C = ly.C, arg = pr.map_arg[u];
@@ -79,7 +82,7 @@ void activate_map(const Problem& pr, const Layout& ly, int u, const float* z, Ti
   if (op == OP_ORIG) {
     stage_exp(pr, tl, arg);
     std::memcpy(s, tl.exs(arg), sizeof(float) * C * TP);
-    finish_softmax(C, &tl.emax[(size_t)arg * TP], tl);  // never false: the max class contributes exp(0) = 1
+    finish_softmax(C, &tl.emax[(size_t)arg * TP], tl, with_lse);  // never false: the max class contributes exp(0) = 1
     return;
   }
   const int k = pr.subset_size[arg];
@@ -94,10 +97,9 @@ void activate_map(const Problem& pr, const Layout& ly, int u, const float* z, Ti
     for (int q = 0; q < C * TP; ++q) s[q] *= e[q];
     for (int p = 0; p < TP; ++p) m[p] += mj[p];
   }
-  if (!finish_softmax(C, m, tl)) activate(pr, z, tl);
+  if (!finish_softmax(C, m, tl, with_lse)) activate(pr, z ? z : build_map(pr, ly, u, tl), tl, with_lse);
 }
 
-// Accumulate the sums of one map (z, tl.s) into ce/inter/zsum (C each, double).
 // Fold a row of TP per-pixel values into one VW-lane partial (no horizontal reduction per tile).
 inline void fold_row(vf& acc, const float* r) {
   for (int i = 0; i < NV; ++i) acc += *(const vf*)(r + VW * i);
@@ -109,31 +111,37 @@ void accumulate_stats(const Problem& pr, const float* __restrict z, Tile& tl, vf
   const int C = (int)pr.classes;
   const float* __restrict s = tl.s.data();
   const float* __restrict w = tl.w;
-  const float* __restrict lse = tl.lse;
-  const float* __restrict inv = tl.inv;
-  float ce_p[TP], i_p[TP], z_p[TP];
-  for (int c = 0; c < C; ++c) {
-    const float* __restrict zr = z + (size_t)c * TP;
-    const float* __restrict sr = s + (size_t)c * TP;
-    const float* __restrict tr = &tl.t[(size_t)c * TP];
-    if (pr.sigmoid) {
+  if (pr.sigmoid) {
+    float ce_p[TP], i_p[TP], z_p[TP];
+    for (int c = 0; c < C; ++c) {
+      const float* __restrict zr = z + (size_t)c * TP;
+      const float* __restrict sr = s + (size_t)c * TP;
+      const float* __restrict tr = &tl.t[(size_t)c * TP];
       for (int p = 0; p < TP; ++p) {
         const float bce = std::max(zr[p], 0.0f) - zr[p] * tr[p] + fast_log1p(fast_exp(-std::fabs(zr[p])));
         ce_p[p] = w[p] * bce;
         i_p[p] = w[p] * sr[p] * tr[p];
         z_p[p] = w[p] * (pr.q == 2 ? sr[p] * sr[p] : sr[p]);
       }
-    } else {
-      for (int p = 0; p < TP; ++p) {
-        const float sv = sr[p] * inv[p];
-        ce_p[p] = w[p] * tr[p] * (lse[p] - zr[p]);
-        i_p[p] = w[p] * sv * tr[p];
-        z_p[p] = w[p] * (pr.q == 2 ? sv * sv : sv);
-      }
+      fold_row(lanes[c], ce_p);
+      fold_row(lanes[C + c], i_p);
+      fold_row(lanes[2 * C + c], z_p);
     }
-    fold_row(lanes[c], ce_p);
-    fold_row(lanes[C + c], i_p);
-    fold_row(lanes[2 * C + c], z_p);
+    return;
+  }
+  for (int c = 0; c < C; ++c) {  // softmax: the three sums in registers over the tile's NV vectors
+    const size_t o = (size_t)c * TP;
+    vf ce{}, in{}, zs{};
+    for (int i = 0; i < NV; ++i) {
+      const vf wv = *(const vf*)(w + VW * i), tv = *(const vf*)(&tl.t[o + VW * i]);
+      const vf sv = *(const vf*)(s + o + VW * i) * *(const vf*)(tl.inv + VW * i);
+      ce += wv * tv * (*(const vf*)(tl.lse + VW * i) - *(const vf*)(z + o + VW * i));
+      in += wv * sv * tv;
+      zs += wv * (pr.q == 2 ? sv * sv : sv);
+    }
+    lanes[c] += ce;
+    lanes[C + c] += in;
+    lanes[2 * C + c] += zs;
   }
 }
 
