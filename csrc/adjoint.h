@@ -27,31 +27,25 @@ void map_grad(const Problem& pr, Tile& tl, const float* gce, const float* gi, co
     }
     return;
   }
-  float dot[TP], a[TP];
+  // Softmax: g_c = w (s_c (gs_c − dot + a) − gce_c t_c) with gs_c = gi_c t_c + gz_c q s_c^(q−1),
+  // dot = Σ_c gs_c s_c, a = Σ_c gce_c t_c: per pixel vector, one pass for the two sums (in
+  // registers), one that recomputes s_c and gs_c and writes g (no stored intermediates).
   const float* __restrict inv = tl.inv;
-  float* __restrict sw = tl.s.data();  // normalized here, in place
-  for (int p = 0; p < TP; ++p) { dot[p] = 0.0f; a[p] = 0.0f; }
-  for (int c = 0; c < C; ++c) {
-    float* __restrict sr = sw + (size_t)c * TP;
-    const float* __restrict tr = t + (size_t)c * TP;
-    float* __restrict gr = g + (size_t)c * TP;
-    const float gic = gi[c], gzc = gz[c], gcec = gce[c];
-    for (int p = 0; p < TP; ++p) {
-      const float sv = sr[p] * inv[p];
-      sr[p] = sv;
-      const float gs = gic * tr[p] + gzc * (pr.q == 2 ? qf * sv : 1.0f);
-      gr[p] = gs;
-      dot[p] += gs * sv;
-      a[p] += gcec * tr[p];
+  for (int i = 0; i < NV; ++i) {
+    const size_t o = (size_t)VW * i;
+    const vf iv = *(const vf*)(inv + o), wv = *(const vf*)(w + o);
+    vf dot{}, a{};
+    for (int c = 0; c < C; ++c) {
+      const vf sv = *(const vf*)(s + (size_t)c * TP + o) * iv, tv = *(const vf*)(t + (size_t)c * TP + o);
+      const vf gs = gi[c] * tv + (pr.q == 2 ? (qf * gz[c]) * sv : vf{} + gz[c]);
+      dot += gs * sv;
+      a += gce[c] * tv;
     }
-  }
-  for (int c = 0; c < C; ++c) {
-    const float* __restrict sr = s + (size_t)c * TP;
-    const float* __restrict tr = t + (size_t)c * TP;
-    float* __restrict gr = g + (size_t)c * TP;
-    const float gcec = gce[c];
-    for (int p = 0; p < TP; ++p)
-      gr[p] = w[p] * (sr[p] * (gr[p] - dot[p] + a[p]) - gcec * tr[p]);
+    for (int c = 0; c < C; ++c) {
+      const vf sv = *(const vf*)(s + (size_t)c * TP + o) * iv, tv = *(const vf*)(t + (size_t)c * TP + o);
+      const vf gs = gi[c] * tv + (pr.q == 2 ? (qf * gz[c]) * sv : vf{} + gz[c]);
+      *(vf*)(g + (size_t)c * TP + o) = wv * (sv * (gs - dot + a) - gce[c] * tv);
+    }
   }
 }
 
