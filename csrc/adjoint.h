@@ -60,6 +60,29 @@ inline void cat_adjoint_rows(const float* W, int K, int j, int c2, int C, const 
   for (int b = 0; b < NB; ++b) row_store(tl.gxs(mem[j], c2 + b), acc[b]);
 }
 
+// The cat weight (and bias) gradients of NB consecutive output classes c..: dW[c, q] += <g_c, x_q> for
+// every input row q = (member j, class c2), the NB g rows held in registers so each x row is loaded once.
+template <int NB>
+inline void cat_weight_grad_rows(const float* g, int c, int k, int C, const int32_t* mem, vf* dW, vf* db,
+                                 Tile& tl) {
+  const int K = k * C;
+  Row grow[NB];
+  for (int b = 0; b < NB; ++b) {
+    grow[b] = row_load(g + (size_t)(c + b) * TP);
+    db[c + b] += row_sum(grow[b]);
+  }
+  for (int j = 0; j < k; ++j)
+    for (int c2 = 0; c2 < C; ++c2) {
+      const Row xr = row_load(tl.xs(mem[j], c2));
+      for (int b = 0; b < NB; ++b) {
+        vf& d = dW[(size_t)(c + b) * K + j * C + c2];
+        vf r = d;
+        for (int i = 0; i < NV; ++i) r += grow[b].v[i] * xr.v[i];
+        d = r;
+      }
+    }
+}
+
 // Push tl.g (dL/dz_u) through the operator of map u into tl.gx and the parameter partials.
 // dparams: one VW-lane partial per packed parameter (per thread, folded into double by the caller).
 void op_backward(const Problem& pr, const Layout& ly, int u, Tile& tl, vf* dparams) {
@@ -98,13 +121,9 @@ void op_backward(const Problem& pr, const Layout& ly, int u, Tile& tl, vf* dpara
       const float* W = pr.cat_w + ly.cat_w_off[arg];
       vf* dW = dparams + ly.cat_w_off[arg];
       vf* db = dparams + ly.cat_w_n + ly.cat_b_off[arg];
-      for (int c = 0; c < C; ++c) {
-        const Row grow = row_load(g + (size_t)c * TP);  // held in registers across the K dot products
-        db[c] += row_sum(grow);
-        vf* dWc = dW + (size_t)c * K;
-        for (int j = 0; j < k; ++j)
-          for (int c2 = 0; c2 < C; ++c2) dWc[j * C + c2] = row_dot(grow, tl.xs(mem[j], c2), dWc[j * C + c2]);
-      }
+      int c = 0;
+      for (; c + DW_BLOCK <= C; c += DW_BLOCK) cat_weight_grad_rows<DW_BLOCK>(g, c, k, C, mem, dW, db, tl);
+      for (; c < C; ++c) cat_weight_grad_rows<1>(g, c, k, C, mem, dW, db, tl);
       for (int j = 0; j < k; ++j) {
         int c2 = 0;
         for (; c2 + CAT_BLOCK <= C; c2 += CAT_BLOCK) cat_adjoint_rows<CAT_BLOCK>(W, K, j, c2, C, mem, g, tl);

@@ -112,6 +112,9 @@ inline vf exp_v(vf x) {
 // Rows updated together in the 1x1-conv ("cat") loops, so that each loaded row feeds CAT_BLOCK
 // accumulator rows: 4 with AVX-512 (16 of its 32 registers hold them), 2 otherwise.
 constexpr int CAT_BLOCK = NV <= 4 ? 4 : 2;
+// g rows held together in the cat weight gradient (adjoint.h): 4 with AVX-512 (16 registers), else 1
+// (two AVX2 rows would take all 16 of its registers).
+constexpr int DW_BLOCK = NV <= 4 ? 4 : 1;
 template <int NB>
 inline void rows_fma(Row (&acc)[NB], const float* w, int64_t w_stride, const float* x) {  // acc[b] += w[b·stride]·x
   const Row xr = row_load(x);
