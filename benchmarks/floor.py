@@ -7,7 +7,7 @@ CPU floor = max(compute, memory):
   with the lanes of the ISA variant that ran (16 AVX-512, 8 AVX2, 4 otherwise) and the FMA rate the
   kernel library itself measures on this machine (lomix_kernels.cpu.vector_fma_rate: 12 independent
   chains, so the FMA pipes' throughput at the clock they run at) — a measured peak, not a guessed pipe
-  count and clock; an exponential or logarithm costs what csrc/simd.h's polynomial kernels issue;
+  count and clock; an exponential or logarithm costs what csrc/simd.h's exp_v issues on that variant;
 - memory: the bytes a fused pass must move (logits read twice, their gradients written once, the
   target read twice) / this process's measured copy bandwidth.
 """
@@ -15,31 +15,56 @@ from __future__ import annotations
 
 import time
 
-CPU_EXP_OPS = 18  # fast_exp in csrc/simd.h: clamp 2, range reduction 5, polynomial 7, scale 4 (fast_log: 22)
+# Vector operations one exponential costs in csrc/simd.h's exp_v: clamp 2, n 2, range reduction 2,
+# polynomial 8, scale by 2^n 1 (vscalefps) with AVX-512; the scale takes 4 and the clamp 4 otherwise.
+# A logarithm (fast_log, 22) is counted at the same price (one per map, against 2C exponentials).
+CPU_EXP_OPS = {"avx512": 15, "native": 15, "avx2": 20, "portable": 20}
 LANES = {"avx512": 16, "native": 16, "avx2": 8, "portable": 4}
+
+
+def _add_maps_by_product(crit) -> bool:
+    """Whether an add map's softmax is made from its members' exponentials (csrc/layout.h, the same rule):
+    softmax, and the stages' exponentials are made anyway (original maps) or are fewer than the add maps'."""
+    n_add = sum(m.op == "add" for m in crit.maps)
+    has_orig = any(m.op == "orig" for m in crit.maps)
+    softmax = crit._opts.get("activation", "softmax") == "softmax"
+    return softmax and n_add > 0 and (has_orig or n_add > crit.num_stages)
 
 
 def work_per_pixel(crit):
     """(FP32 operations, exponentials) per output pixel of one fused forward + backward, counting an
-    FMA as one operation: a lower-bound model of the work (what any fused kernel must do)."""
+    FMA as one operation: a lower-bound model of the work (what the fused algorithm must do).
+
+    Per map and pass (forward, and the backward's recompute): the operator's build, the softmax's C
+    exponentials and its max, shift, sum and normalize, the forward's three weighted sums and one
+    logarithm, the backward's dL/dz and the operator's adjoint. Exponentials are made once per stage
+    and pass where original maps use them; an add map then multiplies its members' ((k−1)·C products)
+    instead of exponentiating its own logits, and its backward needs no logits (no build)."""
     C = crit.num_classes
+    by_product = _add_maps_by_product(crit)
     ops = exps = 0
+    if by_product or any(m.op == "orig" for m in crit.maps):
+        exps += 2 * C * crit.num_stages  # each stage's exponentials, forward and recompute
     for m in crit.maps:
         k = len(m.members)
+        build_fwd = build_bwd = adjoint = 0
         if m.op in ("add", "mult"):
-            build, adjoint = (k - 1) * C, (k - 1) * C * (2 if m.op == "mult" else 1)
+            build_fwd, adjoint = (k - 1) * C, (k - 1) * C * (2 if m.op == "mult" else 1)
+            build_bwd = 0 if (m.op == "add" and by_product) else build_fwd
         elif m.op == "cat":
-            build, adjoint = k * C * C, 2 * k * C * C  # 1x1 conv; backward: input grads + weight grads
+            build_fwd, adjoint = k * C * C, 2 * k * C * C  # 1x1 conv; backward: input grads + weight grads
+            build_bwd = build_fwd
         elif m.op == "awf":
             scores = k * C * (k if crit.awf_param == "paper" else 1)
-            build, adjoint = scores + k * C, 2 * scores + 3 * k * C
+            build_fwd, adjoint = scores + k * C, 2 * scores + 3 * k * C
+            build_bwd = build_fwd
             exps += 2 * k  # the attention softmax, forward and recompute
-        else:
-            build = adjoint = 0
+        own_exps = not (m.op == "orig" or (m.op == "add" and by_product))
+        products = (k - 1) * C if (m.op == "add" and by_product) else 0
+        exps += (2 * C if own_exps else 0) + 1  # softmax exps forward and recompute; the forward's log
         # forward: build + softmax (max, shift, sum, normalize) + three weighted sums;
         # backward: recompute + dL/dz (softmax Jacobian-vector product, ~6 per class) + adjoint
-        ops += (build + 4 * C + 4 * C) + (build + 4 * C + 6 * C + adjoint)
-        exps += 2 * C + 2  # softmax exps forward and recompute, and the log of the sum
+        ops += (build_fwd + products + 4 * C + 4 * C) + (build_bwd + products + 4 * C + 6 * C + adjoint)
     return ops, exps
 
 
@@ -68,6 +93,6 @@ def cpu_floor(crit, pixels: int, logits_mb: float, target_mb: float, threads: in
     """floor_compute_s, floor_memory_s and floor_s of one fused CPU forward+backward."""
     ops, exps = work_per_pixel(crit)
     peak = threads * LANES.get(variant, 4) * vector_fma_rate()
-    compute = (ops + exps * CPU_EXP_OPS) * pixels / peak
+    compute = (ops + exps * CPU_EXP_OPS.get(variant, 20)) * pixels / peak
     memory = 2 ** 20 * (3 * logits_mb + 2 * target_mb) / cpu_copy_bandwidth()
     return {"floor_compute_s": compute, "floor_memory_s": memory, "floor_s": max(compute, memory)}

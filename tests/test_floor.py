@@ -15,9 +15,25 @@ def test_work_grows_with_classes_and_maps():
     small, more_classes, more_maps = (floor.work_per_pixel(lk.LoMixLoss(L, C)) for L, C in ((3, 4), (3, 8), (4, 4)))
     assert more_classes[0] > 2 * small[0] and more_classes[1] > small[1]
     assert more_maps[0] > small[0] and more_maps[1] > small[1]
-    # deep supervision: per map only the softmax/statistics work, no operator builds or adjoints
+    # deep supervision: per map only the softmax/statistics work, no operator builds or adjoints; the
+    # stages' exponentials (forward and recompute) and one logarithm per map
     ds = floor.work_per_pixel(lk.LoMixLoss(4, 9, scheme="deep_supervision"))
-    assert ds == (4 * 18 * 9, 4 * (2 * 9 + 2))
+    assert ds == (4 * 18 * 9, 4 * 2 * 9 + 4)
+
+
+def test_add_maps_multiply_their_members_exponentials():
+    """With the original maps in the plan, an add map costs (k−1)·C products per pass instead of 2C
+    exponentials, and no build in the backward (csrc/layout.h's rule); with a sigmoid it has its own."""
+    C = 9
+    with_add = floor.work_per_pixel(lk.LoMixLoss(4, C, ops=["add"]))
+    no_add = floor.work_per_pixel(lk.LoMixLoss(4, C, ops=[]))
+    add_maps = [m for m in lk.LoMixLoss(4, C, ops=["add"]).maps if m.op == "add"]
+    assert with_add[1] - no_add[1] == len(add_maps)  # the forward's logarithm only
+    # per pass the products, the forward's build, the adjoint, and the softmax/statistics work
+    per_map = sum(4 * (len(m.members) - 1) * C + 18 * C for m in add_maps)
+    assert with_add[0] - no_add[0] == per_map
+    sigmoid = lk.LoMixLoss(4, 1, ops=["add"], activation="sigmoid")  # every add map its own exponentials
+    assert floor.work_per_pixel(sigmoid)[1] == 2 * 1 * 4 + len(add_maps) * (2 * 1 + 1) + 4
 
 
 def test_cpu_floor_divides_by_the_variant_lanes(monkeypatch):
@@ -26,8 +42,8 @@ def test_cpu_floor_divides_by_the_variant_lanes(monkeypatch):
     crit = lk.LoMixLoss(4, 9)
     wide, narrow = (floor.cpu_floor(crit, 10 ** 6, 10.0, 1.0, 2, v) for v in ("avx512", "avx2"))
     ops, exps = floor.work_per_pixel(crit)
-    assert wide["floor_compute_s"] == pytest.approx((ops + exps * floor.CPU_EXP_OPS) * 1e6 / (2 * 16 * 4e9))
-    assert narrow["floor_compute_s"] == pytest.approx(2 * wide["floor_compute_s"])
+    assert wide["floor_compute_s"] == pytest.approx((ops + exps * 15) * 1e6 / (2 * 16 * 4e9))
+    assert narrow["floor_compute_s"] == pytest.approx((ops + exps * 20) * 1e6 / (2 * 8 * 4e9))
     assert wide["floor_s"] == max(wide["floor_compute_s"], wide["floor_memory_s"])
     assert run.floor_ratio({"median_s": 0.3, **wide}).startswith(f"{0.3 / wide['floor_s']:.2f}x of ")
     assert run.floor_ratio({"error": "x"}) == "—"
