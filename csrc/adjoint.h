@@ -151,7 +151,7 @@ void op_backward(const Problem& pr, const Layout& ly, int u, Tile& tl, vf* dpara
           }
         }
       }
-      float dot[TP];  // da = α ⊙ (dα − <α, dα>)
+      alignas(ALIGN) float dot[TP];  // da = α ⊙ (dα − <α, dα>)
       for (int p = 0; p < TP; ++p) dot[p] = 0.0f;
       for (int j = 0; j < k; ++j)
         for (int p = 0; p < TP; ++p) dot[p] += al[(size_t)j * TP + p] * da[(size_t)j * TP + p];

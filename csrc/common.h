@@ -7,6 +7,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <new>
 #include <vector>
 
 #ifdef _OPENMP
@@ -19,6 +20,22 @@
 namespace {
 
 constexpr int TP = 64;  // pixels per tile
+constexpr size_t ALIGN = 64;  // every tile row starts a cache line (TP floats = 4 lines): a vector load or
+                              // store that straddles two lines costs two (ca. 2-3x on the whole kernel)
+
+// std::vector storage aligned to ALIGN bytes (tile buffers, per-thread partials).
+template <class T>
+struct AlignedAllocator {
+  using value_type = T;
+  AlignedAllocator() = default;
+  template <class U> AlignedAllocator(const AlignedAllocator<U>&) {}
+  T* allocate(size_t n) { return (T*)::operator new(n * sizeof(T), std::align_val_t(ALIGN)); }
+  void deallocate(T* p, size_t) { ::operator delete(p, std::align_val_t(ALIGN)); }
+  template <class U> bool operator==(const AlignedAllocator<U>&) const { return true; }
+  template <class U> bool operator!=(const AlignedAllocator<U>&) const { return false; }
+};
+template <class T>
+using aligned_vector = std::vector<T, AlignedAllocator<T>>;
 
 // ---- keep in sync with lomix_kernels/cpu.py ------------------------------------------------
 enum Op : int32_t { OP_ORIG = 0, OP_ADD = 1, OP_MULT = 2, OP_CAT = 3, OP_AWF = 4 };

@@ -68,10 +68,12 @@ std::vector<Item> make_items(const Problem& p) {
 // Per-thread tile buffers.
 struct Tile {
   int L, C, n = 0;                 // n valid pixels in the current tile
-  std::vector<float> x, t, z, s, g, gx, score, alpha, dalpha;
-  std::vector<float> ex, emax;     // per stage: exp(x - max_c x) (C×TP) and the max (TP), once per tile
+  aligned_vector<float> x, t, z, s, g, gx, score, alpha, dalpha;
+  aligned_vector<float> ex, emax;  // per stage: exp(x - max_c x) (C×TP) and the max (TP), once per tile
   std::vector<char> ex_ready;      // ... computed yet for this tile (load_tile resets it)
-  float w[TP], lse[TP], inv[TP];  // softmax: tl.s holds exp(z - max); inv = 1 / Σ_c
+  alignas(ALIGN) float w[TP];
+  alignas(ALIGN) float lse[TP];
+  alignas(ALIGN) float inv[TP];   // softmax: tl.s holds exp(z - max); inv = 1 / Σ_c
   int64_t cidx[TP][8];             // resampled stage: native flat indices of the 2^rank corners
   float cw[TP][8];                 // and their weights
   Tile(int L_, int C_, int max_k) : L(L_), C(C_), x((size_t)L_ * C_ * TP), t((size_t)C_ * TP),

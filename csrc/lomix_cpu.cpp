@@ -63,7 +63,7 @@ int lomix_cpu_forward(const Problem* prp, float* ce, float* inter, float* zsum, 
   {
     const FlushDenormals ftz;
     Tile tl(ly.L, C, ly.max_k);
-    std::vector<float> lane_buf(map_block * VW);  // VW-lane float partials of the per-map sums
+    aligned_vector<float> lane_buf(map_block * VW);  // VW-lane float partials of the per-map sums
     vf* lanes = (vf*)lane_buf.data();
 #pragma omp for schedule(dynamic, 1)
     for (int64_t it = 0; it < nI; ++it) {
@@ -154,7 +154,7 @@ int lomix_cpu_backward(const Problem* prp, const float* gce, const float* ginter
   {
     const FlushDenormals ftz;
     Tile tl(L, C, ly.max_k);
-    std::vector<float> lane_buf((size_t)nP * VW);  // per-parameter VW-lane partials of the current flush window
+    aligned_vector<float> lane_buf((size_t)nP * VW);  // per-parameter VW-lane partials of the current flush window
     vf* dp = (vf*)lane_buf.data();
 #pragma omp for schedule(dynamic, 1)
     for (int64_t it = 0; it < nI; ++it) {

@@ -63,7 +63,8 @@ const float* build_map(const Problem& pr, const Layout& ly, int u, Tile& tl) {
         }
         row_store(a + (size_t)r * TP, acc);
       }
-      float m[TP], sum[TP];
+      alignas(ALIGN) float m[TP];
+      alignas(ALIGN) float sum[TP];
       for (int p = 0; p < TP; ++p) m[p] = a[p];
       for (int r = 1; r < k; ++r)
         for (int p = 0; p < TP; ++p) {

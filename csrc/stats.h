@@ -23,7 +23,7 @@ inline void shifted_exps(const float* __restrict z, int C, float* __restrict e, 
 // shift by the max, whose class contributes exp(0) = 1). The backward needs no lse (no logarithm).
 bool finish_softmax(int C, const float* __restrict m, Tile& tl, bool with_lse) {
   const float* __restrict s = tl.s.data();
-  float sum[TP];
+  alignas(ALIGN) float sum[TP];
   for (int p = 0; p < TP; ++p) sum[p] = s[p];
   for (int c = 1; c < C; ++c)
     for (int p = 0; p < TP; ++p) sum[p] += s[(size_t)c * TP + p];
@@ -49,7 +49,7 @@ void activate(const Problem& pr, const float* __restrict z, Tile& tl, bool with_
     }
     return;
   }
-  float m[TP];
+  alignas(ALIGN) float m[TP];
   shifted_exps(z, C, s, m);
   finish_softmax(C, m, tl, with_lse);
 }
@@ -87,7 +87,7 @@ void activate_map(const Problem& pr, const Layout& ly, int u, const float* z, Ti
   }
   const int k = pr.subset_size[arg];
   const int32_t* mem = pr.subset_members + ly.sub_start[arg];
-  float m[TP];
+  alignas(ALIGN) float m[TP];
   for (int j = 0; j < k; ++j) stage_exp(pr, tl, mem[j]);
   std::memcpy(s, tl.exs(mem[0]), sizeof(float) * C * TP);
   std::memcpy(m, &tl.emax[(size_t)mem[0] * TP], sizeof(float) * TP);
@@ -112,7 +112,7 @@ void accumulate_stats(const Problem& pr, const float* __restrict z, Tile& tl, vf
   const float* __restrict s = tl.s.data();
   const float* __restrict w = tl.w;
   if (pr.sigmoid) {
-    float ce_p[TP], i_p[TP], z_p[TP];
+    alignas(ALIGN) float ce_p[TP], i_p[TP], z_p[TP];
     for (int c = 0; c < C; ++c) {
       const float* __restrict zr = z + (size_t)c * TP;
       const float* __restrict sr = s + (size_t)c * TP;
