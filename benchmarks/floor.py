@@ -7,7 +7,7 @@ CPU floor = max(compute, memory):
   with the lanes of the ISA variant that ran (16 AVX-512, 8 AVX2, 4 otherwise) and the FMA rate the
   kernel library itself measures on this machine (lomix_kernels.cpu.vector_fma_rate: 12 independent
   chains, so the FMA pipes' throughput at the clock they run at) — a measured peak, not a guessed pipe
-  count and clock; an exponential or logarithm costs what csrc/simd.h's exp_v issues on that variant;
+  count and clock; an exponential or logarithm costs what csrc/simd.h's exp_nonpositive_v issues on that variant;
 - memory: the bytes a fused pass must move (logits read twice, their gradients written once, the
   target read twice) / this process's measured copy bandwidth.
 """
@@ -15,10 +15,10 @@ from __future__ import annotations
 
 import time
 
-# Vector operations one exponential costs in csrc/simd.h's exp_v: clamp 2, n 2, range reduction 2,
-# polynomial 8, scale by 2^n 1 (vscalefps) with AVX-512; the scale takes 4 and the clamp 4 otherwise.
-# A logarithm (fast_log, 22) is counted at the same price (one per map, against 2C exponentials).
-CPU_EXP_OPS = {"avx512": 15, "native": 15, "avx2": 20, "portable": 20}
+# Vector operations one exponential costs in csrc/simd.h's exp_nonpositive_v: clamp 1, n 2, range
+# reduction 2, polynomial 6, scale by 2^n 1 (vscalefps) with AVX-512; clamp 2 and scale 4 otherwise.
+# A logarithm (fast_log, ~22) is counted at the same price (one per map, against 2C exponentials).
+CPU_EXP_OPS = {"avx512": 12, "native": 12, "avx2": 16, "portable": 16}
 LANES = {"avx512": 16, "native": 16, "avx2": 8, "portable": 4}
 
 
@@ -93,6 +93,6 @@ def cpu_floor(crit, pixels: int, logits_mb: float, target_mb: float, threads: in
     """floor_compute_s, floor_memory_s and floor_s of one fused CPU forward+backward."""
     ops, exps = work_per_pixel(crit)
     peak = threads * LANES.get(variant, 4) * vector_fma_rate()
-    compute = (ops + exps * CPU_EXP_OPS.get(variant, 20)) * pixels / peak
+    compute = (ops + exps * CPU_EXP_OPS.get(variant, 16)) * pixels / peak
     memory = 2 ** 20 * (3 * logits_mb + 2 * target_mb) / cpu_copy_bandwidth()
     return {"floor_compute_s": compute, "floor_memory_s": memory, "floor_s": max(compute, memory)}

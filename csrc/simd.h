@@ -10,23 +10,28 @@
 
 namespace {
 
-// ---- exp / log with polynomial kernels (Cephes), written so gcc vectorizes them -------------
+// ---- exp / log with polynomial kernels, written so gcc vectorizes them -----------------------
+// exp(x) = 2^n · exp(r), n = round(x / ln2), r = x − n·ln2 in two steps (Cody-Waite, Cephes' split of
+// ln2), exp(r) for |r| ≤ ln2/2 by a degree-6 polynomial fitted for float32 relative error (≤ 1e-7,
+// under one ulp; 6 FMAs by Horner). T is float or a vector of floats.
+template <class T>
+inline T exp_reduced(T x, T n) {
+  T r = x - n * 0.693359375f;
+  r = r + n * 2.12194440e-4f;
+  T y = r * 1.38436060e-3f + 8.37419555e-3f;
+  y = y * r + 4.16680053e-2f;
+  y = y * r + 1.66664302e-1f;
+  y = y * r + 4.99999940e-1f;
+  y = y * r + 1.0f;
+  return y * r + 1.0f;
+}
+
 inline float fast_exp(float x) {
   x = std::min(std::max(x, -87.3f), 88.7f);
   const float shifter = 12582912.0f;  // 1.5 * 2^23: round-to-nearest by addition
-  const float t = x * 1.44269504088896341f + shifter;
-  const float n = t - shifter;
-  float r = x - n * 0.693359375f;
-  r = r + n * 2.12194440e-4f;
-  float y = 1.9875691500e-4f;
-  y = y * r + 1.3981999507e-3f;
-  y = y * r + 8.3334519073e-3f;
-  y = y * r + 4.1665795894e-2f;
-  y = y * r + 1.6666665459e-1f;
-  y = y * r + 5.0000001201e-1f;
-  y = y * (r * r) + r + 1.0f;
+  const float n = (x * 1.44269504088896341f + shifter) - shifter;
   const int32_t e = (int32_t)n + 127;
-  return y * f_from_bits((uint32_t)e << 23);
+  return exp_reduced(x, n) * f_from_bits((uint32_t)e << 23);
 }
 inline float fast_log(float x) {  // x > 0, finite, normal
   const uint32_t u = bits_from_f(x);
@@ -76,36 +81,22 @@ inline void row_store(float* p, const Row& r) { for (int i = 0; i < NV; ++i) *(v
 inline void row_fma(Row& acc, float w, const float* x) {  // acc += w * x
   for (int i = 0; i < NV; ++i) acc.v[i] += w * *(const vf*)(x + VW * i);
 }
-// fast_exp of VW lanes at once (the softmax's exponentials): the same clamp, range reduction and
-// polynomial; with AVX-512 the scale by 2^n is one vscalefps and n one vrndscaleps (16 vector
-// operations per VW exponentials instead of the 21 gcc makes of the scalar form). Same results as
-// fast_exp: n is the same round-to-nearest, and scaling by 2^n is exact for the normal results.
-inline vf exp_v(vf x) {
-  const vf lo = vf{} - 87.3f, hi = vf{} + 88.7f;
+// exp(x) of VW lanes at once for x ≤ 0 (the softmax's shifted logits): fast_exp's n and polynomial;
+// with AVX-512 n is one vrndscaleps, the scale by 2^n one vscalefps (which needs no upper clamp, and
+// underflows to 0): 12 vector operations per VW exponentials (gcc makes 19 of fast_exp's scalar form).
+inline vf exp_nonpositive_v(vf x) {
+  const vf lo = vf{} - 87.3f;
 #if defined(__AVX512F__)
-  x = (vf)_mm512_min_ps(_mm512_max_ps((__m512)x, (__m512)lo), (__m512)hi);  // (a compare and blend each, written as ?:)
+  x = (vf)_mm512_max_ps((__m512)x, (__m512)lo);  // (x < lo ? lo : x is a compare and a blend)
   const vf n = (vf)_mm512_roundscale_ps((__m512)(x * 1.44269504088896341f), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  return (vf)_mm512_scalef_ps((__m512)exp_reduced(x, n), (__m512)n);
 #else
   x = x < lo ? lo : x;
-  x = x > hi ? hi : x;
   const vf shifter = vf{} + 12582912.0f;  // 1.5 * 2^23: round-to-nearest by addition
   const vf n = (x * 1.44269504088896341f + shifter) - shifter;
-#endif
-  vf r = x - n * 0.693359375f;
-  r = r + n * 2.12194440e-4f;
-  vf y = vf{} + 1.9875691500e-4f;
-  y = y * r + 1.3981999507e-3f;
-  y = y * r + 8.3334519073e-3f;
-  y = y * r + 4.1665795894e-2f;
-  y = y * r + 1.6666665459e-1f;
-  y = y * r + 5.0000001201e-1f;
-  y = y * (r * r) + r + 1.0f;
-#if defined(__AVX512F__)
-  return (vf)_mm512_scalef_ps((__m512)y, (__m512)n);
-#else
   typedef int32_t vi __attribute__((vector_size(VW * 4)));
   const vi e = (__builtin_convertvector(n, vi) + 127) << 23;
-  return y * (vf)e;
+  return exp_reduced(x, n) * (vf)e;
 #endif
 }
 

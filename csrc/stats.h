@@ -15,7 +15,7 @@ inline void shifted_exps(const float* __restrict z, int C, float* __restrict e, 
     }
   for (int c = 0; c < C; ++c)
     for (int i = 0; i < NV; ++i)
-      *(vf*)(e + (size_t)c * TP + VW * i) = exp_v(*(const vf*)(z + (size_t)c * TP + VW * i) - *(const vf*)(m + VW * i));
+      *(vf*)(e + (size_t)c * TP + VW * i) = exp_nonpositive_v(*(const vf*)(z + (size_t)c * TP + VW * i) - *(const vf*)(m + VW * i));
 }
 
 // inv (and with_lse: lse) of the unnormalized exponentials in tl.s, whose shift is m (TP). False
