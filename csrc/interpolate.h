@@ -45,23 +45,94 @@ std::vector<Stage> make_stages(const Problem& pr) {
   return st;
 }
 
-// Corner indices (native flat, within a sample) and weights of output pixels q0 .. q0+n−1.
-int corners(const Problem& pr, const Stage& S, int64_t q0, int n, Tile& tl) {
-  const int64_t H = pr.out_size[1], W = pr.out_size[2];
-  const int K = pr.spatial_rank == 3 ? 8 : 4;
-  for (int p = 0; p < n; ++p) {
-    const int64_t q = q0 + p;
-    const int64_t od = q / (H * W), oh = (q / W) % H, ow = q % W;
-    const Axis &ad = S.axis[0], &ah = S.axis[1], &aw = S.axis[2];
-    const int64_t d[2] = {ad.i0[od], ad.i1[od]}, h[2] = {ah.i0[oh], ah.i1[oh]}, w[2] = {aw.i0[ow], aw.i1[ow]};
-    const float ld[2] = {ad.l0[od], ad.l1[od]}, lh[2] = {ah.l0[oh], ah.l1[oh]}, lw[2] = {aw.l0[ow], aw.l1[ow]};
-    for (int k = 0; k < K; ++k) {
-      const int bd = (k >> 2) & 1, bh = (k >> 1) & 1, bw = k & 1;
-      tl.cidx[p][k] = (d[bd] * S.size[1] + h[bh]) * S.size[2] + w[bw];
-      tl.cw[p][k] = ld[bd] * (lh[bh] * lw[bw]);
-    }
+// Interpolation is separable: an output row (fixed od, oh) mixes the same 4 native rows (2 in 2D: the
+// (d, h) corners, weights ld·lh) at every pixel, and only the W corners vary along it. So a tile's
+// row segment is interpolated as: mix the native rows over the W range it touches (4 FMAs per native
+// pixel), then 2 FMAs per output pixel along W — instead of 8 gathered corners per output pixel.
+
+// Calls f(p, row, ow, len) for each run of tile pixels [p, p + len) that lies in one output row
+// (row = od·H + oh), starting at output column ow.
+template <class F>
+inline void for_row_segments(const Problem& pr, int64_t q0, int n, F f) {
+  const int64_t W = pr.out_size[2];
+  for (int p = 0; p < n;) {
+    const int64_t ow = (q0 + p) % W;
+    const int len = (int)std::min<int64_t>(n - p, W - ow);
+    f(p, (q0 + p) / W, ow, len);
+    p += len;
   }
-  return K;
+}
+
+// The native rows stage S mixes for output row `row`: their flat offsets (within a sample) and
+// weights ld·lh. Returns how many: 4 in 3D, 2 in 2D.
+inline int mixed_rows(const Problem& pr, const Stage& S, int64_t row, int64_t off[4], float wt[4]) {
+  const int64_t H = pr.out_size[1], od = row / H, oh = row % H;
+  const Axis &ad = S.axis[0], &ah = S.axis[1];
+  const int64_t d[2] = {ad.i0[od], ad.i1[od]}, h[2] = {ah.i0[oh], ah.i1[oh]};
+  const float ld[2] = {ad.l0[od], ad.l1[od]}, lh[2] = {ah.l0[oh], ah.l1[oh]};
+  int m = 0;
+  for (int bd = 0; bd < (pr.spatial_rank == 3 ? 2 : 1); ++bd)
+    for (int bh = 0; bh < 2; ++bh) {
+      off[m] = (d[bd] * S.size[1] + h[bh]) * S.size[2];
+      wt[m++] = ld[bd] * lh[bh];
+    }
+  return m;
+}
+
+// Stage i of sample b at tile pixels [p0, p0 + n), interpolated from its native resolution into
+// tl.xs(i, ·). A segment of len output pixels touches at most len + 1 native columns (stages are
+// never finer than the target).
+void interpolate_stage(const Problem& pr, const Stage& S, int i, int64_t b, int64_t p0, int n, Tile& tl) {
+  const int C = (int)pr.classes;
+  const Axis& aw = S.axis[2];
+  for_row_segments(pr, p0, n, [&](int p, int64_t row, int64_t ow, int len) {
+    int64_t off[4];
+    float wt[4];
+    const int m = mixed_rows(pr, S, row, off, wt);
+    const int64_t w_lo = aw.i0[ow], nw = aw.i1[ow + len - 1] - w_lo + 1;
+    alignas(ALIGN) float mix[TP + 1];
+    for (int c = 0; c < C; ++c) {
+      const int64_t base = (b * C + c) * S.pixels + w_lo;
+      for (int64_t q = 0; q < nw; ++q) {
+        float v = 0.0f;
+        for (int r = 0; r < m; ++r) v += wt[r] * load_one(pr.logit_dtype, pr.logits[i], base + off[r] + q);
+        mix[q] = v;
+      }
+      float* dst = tl.xs(i, c) + p;
+      for (int t = 0; t < len; ++t) {
+        const int64_t o = ow + t;
+        dst[t] = aw.l0[o] * mix[aw.i0[o] - w_lo] + aw.l1[o] * mix[aw.i1[o] - w_lo];
+      }
+    }
+  });
+}
+
+// The adjoint of interpolate_stage: tl.gxs(i, ·) at tile pixels [p0, p0 + n) added into buf, stage
+// i's native gradient of one sample (C planes of `plane` doubles, holding native flat indices from
+// `first` on), along W first, then into the mixed rows.
+void scatter_stage(const Problem& pr, const Stage& S, int i, int64_t p0, int n, Tile& tl, double* buf,
+                   int64_t plane, int64_t first) {
+  const int C = (int)pr.classes;
+  const Axis& aw = S.axis[2];
+  for_row_segments(pr, p0, n, [&](int p, int64_t row, int64_t ow, int len) {
+    int64_t off[4];
+    float wt[4];
+    const int m = mixed_rows(pr, S, row, off, wt);
+    const int64_t w_lo = aw.i0[ow], nw = aw.i1[ow + len - 1] - w_lo + 1;
+    double acc[TP + 1];
+    for (int c = 0; c < C; ++c) {
+      const float* g = tl.gxs(i, c) + p;
+      for (int64_t q = 0; q < nw; ++q) acc[q] = 0.0;
+      for (int t = 0; t < len; ++t) {
+        const int64_t o = ow + t;
+        acc[aw.i0[o] - w_lo] += (double)(aw.l0[o] * g[t]);
+        acc[aw.i1[o] - w_lo] += (double)(aw.l1[o] * g[t]);
+      }
+      double* bc = buf + (size_t)c * plane + w_lo - first;
+      for (int r = 0; r < m; ++r)
+        for (int64_t q = 0; q < nw; ++q) bc[off[r] + q] += (double)wt[r] * acc[q];
+    }
+  });
 }
 
 // Load logits, target and pixel weights of tile [p0, p0 + n) of sample b into `tl`.
@@ -75,17 +146,10 @@ void load_tile(const Problem& pr, const std::vector<Stage>& stages, int64_t b, i
   std::fill(tl.ex_ready.begin(), tl.ex_ready.end(), 0);  // a new tile: no stage exponentials yet
   for (int i = 0; i < L; ++i) {
     const Stage& S = stages[i];
-    const int K = S.resampled ? corners(pr, S, p0, n, tl) : 0;
+    if (S.resampled) interpolate_stage(pr, S, i, b, p0, n, tl);
     for (int c = 0; c < C; ++c) {
       float* dst = tl.xs(i, c);
-      if (S.resampled) {
-        const int64_t base = (b * C + c) * S.pixels;
-        for (int p = 0; p < n; ++p) {
-          float v = 0.0f;
-          for (int k = 0; k < K; ++k) v += tl.cw[p][k] * load_one(pr.logit_dtype, pr.logits[i], base + tl.cidx[p][k]);
-          dst[p] = v;
-        }
-      } else {
+      if (!S.resampled) {
         const int64_t off = (b * C + c) * P + p0;
         switch (pr.logit_dtype) {
           case DT_F32: { const float* src = (const float*)pr.logits[i] + off; for (int p = 0; p < n; ++p) dst[p] = src[p]; break; }

@@ -74,8 +74,6 @@ struct Tile {
   alignas(ALIGN) float w[TP];
   alignas(ALIGN) float lse[TP];
   alignas(ALIGN) float inv[TP];   // softmax: tl.s holds exp(z - max); inv = 1 / Σ_c
-  int64_t cidx[TP][8];             // resampled stage: native flat indices of the 2^rank corners
-  float cw[TP][8];                 // and their weights
   Tile(int L_, int C_, int max_k) : L(L_), C(C_), x((size_t)L_ * C_ * TP), t((size_t)C_ * TP),
       z((size_t)C_ * TP), s((size_t)C_ * TP), g((size_t)C_ * TP), gx((size_t)L_ * C_ * TP),
       score((size_t)max_k * TP), alpha((size_t)max_k * TP), dalpha((size_t)max_k * TP),

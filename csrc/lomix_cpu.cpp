@@ -186,15 +186,8 @@ int lomix_cpu_backward(const Problem* prp, const float* gce, const float* ginter
             first_row[(size_t)it * L + i] = ax.i0[item.r0];
             buf.assign((size_t)(ax.i1[item.r1 - 1] - ax.i0[item.r0] + 1) * stride * C, 0.0);
           }
-          const int64_t off = first_row[(size_t)it * L + i] * stride;
-          const int64_t len = (int64_t)buf.size() / C;
-          const int K = corners(pr, S, p0, n, tl);
-          for (int c = 0; c < C; ++c) {
-            const float* g = tl.gxs(i, c);
-            double* bc = buf.data() + (size_t)c * len;
-            for (int p = 0; p < n; ++p)
-              for (int k = 0; k < K; ++k) bc[tl.cidx[p][k] - off] += (double)(tl.cw[p][k] * g[p]);
-          }
+          scatter_stage(pr, S, i, p0, n, tl, buf.data(), (int64_t)buf.size() / C,
+                        first_row[(size_t)it * L + i] * stride);
         }
         for (int i = 0; i < L; ++i)
           for (int c = 0; c < C; ++c) {
