@@ -119,14 +119,26 @@ void scatter_stage(const Problem& pr, const Stage& S, int i, int64_t p0, int n, 
     float wt[4];
     const int m = mixed_rows(pr, S, row, off, wt);
     const int64_t w_lo = aw.i0[ow], nw = aw.i1[ow + len - 1] - w_lo + 1;
+    // native column q receives from the pixels t in [run0[q], run0[q + 1]) through its i0 corner and
+    // [run1[q], run1[q + 1]) through i1 (both nondecreasing in t): each sum is formed once, in
+    // registers (a += per pixel into acc[i0(t)] would chain every pixel through memory)
+    int run0[TP + 2], run1[TP + 2];
+    for (int q = 0, t0 = 0, t1 = 0; q <= nw; ++q) {
+      while (t0 < len && aw.i0[ow + t0] - w_lo < q) ++t0;
+      while (t1 < len && aw.i1[ow + t1] - w_lo < q) ++t1;
+      run0[q] = t0;
+      run1[q] = t1;
+    }
+    const float* l0 = &aw.l0[ow];
+    const float* l1 = &aw.l1[ow];
     double acc[TP + 1];
     for (int c = 0; c < C; ++c) {
       const float* g = tl.gxs(i, c) + p;
-      for (int64_t q = 0; q < nw; ++q) acc[q] = 0.0;
-      for (int t = 0; t < len; ++t) {
-        const int64_t o = ow + t;
-        acc[aw.i0[o] - w_lo] += (double)(aw.l0[o] * g[t]);
-        acc[aw.i1[o] - w_lo] += (double)(aw.l1[o] * g[t]);
+      for (int64_t q = 0; q < nw; ++q) {
+        double v = 0.0;
+        for (int t = run0[q]; t < run0[q + 1]; ++t) v += (double)(l0[t] * g[t]);
+        for (int t = run1[q]; t < run1[q + 1]; ++t) v += (double)(l1[t] * g[t]);
+        acc[q] = v;
       }
       double* bc = buf + (size_t)c * plane + w_lo - first;
       for (int r = 0; r < m; ++r)
