@@ -74,17 +74,17 @@ def main():
     print("| maps | count | forward ms / map | backward ms / map | both | floor ms / map | × floor |")
     print("|---|---|---|---|---|---|---|")
     n0, f0, b0, fl0 = measure([])
-    print(f"| original (and per-step costs) | {n0} | {1e3 * f0 / n0:.2f} | {1e3 * b0 / n0:.2f} | "
-          f"{1e3 * (f0 + b0) / n0:.2f} | {1e3 * fl0 / n0:.2f} | {(f0 + b0) / fl0:.1f} |")
+    print(f"| original (and per-step costs) | {n0} | {1e3 * f0 / n0:.3g} | {1e3 * b0 / n0:.3g} | "
+          f"{1e3 * (f0 + b0) / n0:.3g} | {1e3 * fl0 / n0:.3g} | {(f0 + b0) / fl0:.1f} |")
     for kind in KINDS:
         n, f, b, fl = measure([kind])
         k = n - n0
         df, db, dfl = (f - f0) / k, (b - b0) / k, (fl - fl0) / k
-        print(f"| {kind} | {k} | {1e3 * df:.2f} | {1e3 * db:.2f} | {1e3 * (df + db):.2f} | {1e3 * dfl:.2f} | "
+        print(f"| {kind} | {k} | {1e3 * df:.3g} | {1e3 * db:.3g} | {1e3 * (df + db):.3g} | {1e3 * dfl:.3g} | "
               f"{(df + db) / dfl:.1f} |")
     n, f, b, fl = measure(None)
-    print(f"| all (one step) | {n} | {1e3 * f:.1f} ms | {1e3 * b:.1f} ms | {1e3 * (f + b):.1f} ms | "
-          f"{1e3 * fl:.1f} ms | {(f + b) / fl:.2f} |")
+    print(f"| all (one step) | {n} | {1e3 * f:.4g} ms | {1e3 * b:.4g} ms | {1e3 * (f + b):.4g} ms | "
+          f"{1e3 * fl:.4g} ms | {(f + b) / fl:.2f} |")
 
 
 if __name__ == "__main__":

@@ -58,3 +58,26 @@ def test_the_library_measures_its_vector_fma_rate():
         pytest.skip(cpu.unavailable_reason())
     a, b = cpu.vector_fma_rate(2_000_000), cpu.vector_fma_rate(2_000_000)
     assert 1e8 < a < 4 * 6e9 and 0.5 < a / b < 2.0
+
+
+def test_cpu_breakdown_rows_add_up():
+    """benchmarks/cpu_breakdown.py on a tiny config: one row per map kind with positive times and
+    floors, and the whole step's floor equals the floor of the full plan."""
+    import subprocess
+
+    from lomix_kernels import cpu
+
+    if not cpu.available():
+        pytest.skip(cpu.unavailable_reason())
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "cpu_breakdown.py"
+    out = subprocess.run([sys.executable, str(script), "--config", "smoke2d", "--repeats", "1"],
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stdout + out.stderr
+    rows = {line.split("|")[1].strip(): [c.strip() for c in line.split("|")[2:-1]]
+            for line in out.stdout.splitlines() if line.startswith("| ") and "---" not in line}
+    assert set(rows) == {"maps", "original (and per-step costs)", "add", "mult", "cat", "awf", "all (one step)"}
+    for kind in ("add", "mult", "cat", "awf"):  # L = 3: 4 subsets (3 pairs, 1 triple) per operator
+        count, fwd, bwd, both, floor_ms, ratio = rows[kind]
+        assert int(count) == 4 and float(floor_ms) > 0
+        float(fwd), float(bwd), float(ratio)  # numbers (differences of tiny timings may be negative)
+    assert int(rows["all (one step)"][0]) == 3 + 4 * 4
