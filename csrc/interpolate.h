@@ -50,21 +50,8 @@ std::vector<Stage> make_stages(const Problem& pr) {
 // row segment is interpolated as: mix the native rows over the W range it touches (4 FMAs per native
 // pixel), then 2 FMAs per output pixel along W — instead of 8 gathered corners per output pixel.
 
-// Calls f(p, row, ow, len) for each run of tile pixels [p, p + len) that lies in one output row
-// (row = od·H + oh), starting at output column ow.
-template <class F>
-inline void for_row_segments(const Problem& pr, int64_t q0, int n, F f) {
-  const int64_t W = pr.out_size[2];
-  for (int p = 0; p < n;) {
-    const int64_t ow = (q0 + p) % W;
-    const int len = (int)std::min<int64_t>(n - p, W - ow);
-    f(p, (q0 + p) / W, ow, len);
-    p += len;
-  }
-}
-
-// The native rows stage S mixes for output row `row`: their flat offsets (within a sample) and
-// weights ld·lh. Returns how many: 4 in 3D, 2 in 2D.
+// The native rows stage S mixes for output row `row` (od·H + oh): their flat offsets (within a
+// sample) and weights ld·lh. Returns how many: 4 in 3D, 2 in 2D.
 inline int mixed_rows(const Problem& pr, const Stage& S, int64_t row, int64_t off[4], float wt[4]) {
   const int64_t H = pr.out_size[1], od = row / H, oh = row % H;
   const Axis &ad = S.axis[0], &ah = S.axis[1];
@@ -79,29 +66,52 @@ inline int mixed_rows(const Problem& pr, const Stage& S, int64_t row, int64_t of
   return m;
 }
 
+// A run of tile pixels [p, p + len) in one output row, from output column ow, and what stage S
+// mixes for it: m native rows (offsets, weights) over the native columns [w_lo, w_lo + nw) — at
+// most len + 1 of them, since stages are never finer than the target.
+struct Segment {
+  int p, len, m;
+  int64_t ow, w_lo, nw;
+  int64_t off[4];
+  float wt[4];
+};
+
+// Calls f(segment) for each output-row segment of the tile pixels [q0, q0 + n).
+template <class F>
+inline void for_segments(const Problem& pr, const Stage& S, int64_t q0, int n, F f) {
+  const int64_t W = pr.out_size[2];
+  const Axis& aw = S.axis[2];
+  for (int p = 0; p < n;) {
+    Segment sg;
+    sg.p = p;
+    sg.ow = (q0 + p) % W;
+    sg.len = (int)std::min<int64_t>(n - p, W - sg.ow);
+    sg.m = mixed_rows(pr, S, (q0 + p) / W, sg.off, sg.wt);
+    sg.w_lo = aw.i0[sg.ow];
+    sg.nw = aw.i1[sg.ow + sg.len - 1] - sg.w_lo + 1;
+    f(sg);
+    p += sg.len;
+  }
+}
+
 // Stage i of sample b at tile pixels [p0, p0 + n), interpolated from its native resolution into
-// tl.xs(i, ·). A segment of len output pixels touches at most len + 1 native columns (stages are
-// never finer than the target).
+// tl.xs(i, ·).
 void interpolate_stage(const Problem& pr, const Stage& S, int i, int64_t b, int64_t p0, int n, Tile& tl) {
   const int C = (int)pr.classes;
   const Axis& aw = S.axis[2];
-  for_row_segments(pr, p0, n, [&](int p, int64_t row, int64_t ow, int len) {
-    int64_t off[4];
-    float wt[4];
-    const int m = mixed_rows(pr, S, row, off, wt);
-    const int64_t w_lo = aw.i0[ow], nw = aw.i1[ow + len - 1] - w_lo + 1;
+  for_segments(pr, S, p0, n, [&](const Segment& sg) {
     alignas(ALIGN) float mix[TP + 1];
     for (int c = 0; c < C; ++c) {
-      const int64_t base = (b * C + c) * S.pixels + w_lo;
-      for (int64_t q = 0; q < nw; ++q) {
+      const int64_t base = (b * C + c) * S.pixels + sg.w_lo;
+      for (int64_t q = 0; q < sg.nw; ++q) {
         float v = 0.0f;
-        for (int r = 0; r < m; ++r) v += wt[r] * load_one(pr.logit_dtype, pr.logits[i], base + off[r] + q);
+        for (int r = 0; r < sg.m; ++r) v += sg.wt[r] * load_one(pr.logit_dtype, pr.logits[i], base + sg.off[r] + q);
         mix[q] = v;
       }
-      float* dst = tl.xs(i, c) + p;
-      for (int t = 0; t < len; ++t) {
-        const int64_t o = ow + t;
-        dst[t] = aw.l0[o] * mix[aw.i0[o] - w_lo] + aw.l1[o] * mix[aw.i1[o] - w_lo];
+      float* dst = tl.xs(i, c) + sg.p;
+      for (int t = 0; t < sg.len; ++t) {
+        const int64_t o = sg.ow + t;
+        dst[t] = aw.l0[o] * mix[aw.i0[o] - sg.w_lo] + aw.l1[o] * mix[aw.i1[o] - sg.w_lo];
       }
     }
   });
@@ -114,35 +124,31 @@ void scatter_stage(const Problem& pr, const Stage& S, int i, int64_t p0, int n, 
                    int64_t plane, int64_t first) {
   const int C = (int)pr.classes;
   const Axis& aw = S.axis[2];
-  for_row_segments(pr, p0, n, [&](int p, int64_t row, int64_t ow, int len) {
-    int64_t off[4];
-    float wt[4];
-    const int m = mixed_rows(pr, S, row, off, wt);
-    const int64_t w_lo = aw.i0[ow], nw = aw.i1[ow + len - 1] - w_lo + 1;
+  for_segments(pr, S, p0, n, [&](const Segment& sg) {
     // native column q receives from the pixels t in [run0[q], run0[q + 1]) through its i0 corner and
     // [run1[q], run1[q + 1]) through i1 (both nondecreasing in t): each sum is formed once, in
     // registers (a += per pixel into acc[i0(t)] would chain every pixel through memory)
     int run0[TP + 2], run1[TP + 2];
-    for (int q = 0, t0 = 0, t1 = 0; q <= nw; ++q) {
-      while (t0 < len && aw.i0[ow + t0] - w_lo < q) ++t0;
-      while (t1 < len && aw.i1[ow + t1] - w_lo < q) ++t1;
+    for (int q = 0, t0 = 0, t1 = 0; q <= sg.nw; ++q) {
+      while (t0 < sg.len && aw.i0[sg.ow + t0] - sg.w_lo < q) ++t0;
+      while (t1 < sg.len && aw.i1[sg.ow + t1] - sg.w_lo < q) ++t1;
       run0[q] = t0;
       run1[q] = t1;
     }
-    const float* l0 = &aw.l0[ow];
-    const float* l1 = &aw.l1[ow];
+    const float* l0 = &aw.l0[sg.ow];
+    const float* l1 = &aw.l1[sg.ow];
     double acc[TP + 1];
     for (int c = 0; c < C; ++c) {
-      const float* g = tl.gxs(i, c) + p;
-      for (int64_t q = 0; q < nw; ++q) {
+      const float* g = tl.gxs(i, c) + sg.p;
+      for (int64_t q = 0; q < sg.nw; ++q) {
         double v = 0.0;
         for (int t = run0[q]; t < run0[q + 1]; ++t) v += (double)(l0[t] * g[t]);
         for (int t = run1[q]; t < run1[q + 1]; ++t) v += (double)(l1[t] * g[t]);
         acc[q] = v;
       }
-      double* bc = buf + (size_t)c * plane + w_lo - first;
-      for (int r = 0; r < m; ++r)
-        for (int64_t q = 0; q < nw; ++q) bc[off[r] + q] += (double)wt[r] * acc[q];
+      double* bc = buf + (size_t)c * plane + sg.w_lo - first;
+      for (int r = 0; r < sg.m; ++r)
+        for (int64_t q = 0; q < sg.nw; ++q) bc[sg.off[r] + q] += (double)sg.wt[r] * acc[q];
     }
   });
 }
