@@ -16,6 +16,9 @@
 #if defined(__SSE__) || defined(__x86_64__)
 #include <xmmintrin.h>
 #endif
+#if defined(__linux__)
+#include <sys/mman.h>
+#endif
 
 namespace {
 
@@ -133,6 +136,20 @@ struct FlushDenormals {
   ~FlushDenormals() { _mm_setcsr(saved); }
 #endif
 };
+
+// Ask for transparent huge pages on the 2 MB-aligned inside of [p, p + bytes): a fresh output buffer
+// (the logits' gradients, allocated per step) then takes its first-touch page faults per 2 MB, not
+// per 4 KB (10 k faults for synapse2d's 43 MB, ~10 ms). Only a hint (no-op where THP is off); the
+// contents are untouched.
+inline void advise_huge_pages(void* p, size_t bytes) {
+#if defined(__linux__) && defined(MADV_HUGEPAGE)
+  const uintptr_t huge = (uintptr_t)2 << 20;
+  const uintptr_t a = ((uintptr_t)p + huge - 1) & ~(huge - 1), e = ((uintptr_t)p + bytes) & ~(huge - 1);
+  if (e > a) madvise((void*)a, e - a, MADV_HUGEPAGE);
+#else
+  (void)p, (void)bytes;
+#endif
+}
 
 int num_threads(const Problem& pr) {
 #ifdef _OPENMP

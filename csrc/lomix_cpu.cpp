@@ -143,6 +143,8 @@ int lomix_cpu_backward(const Problem* prp, const float* gce, const float* ginter
   const int64_t nP = ly.num_params();
   std::vector<double> part((size_t)nI * nP, 0.0);
   std::vector<ItemError> errs(nI);
+  for (int i = 0; i < L; ++i)
+    advise_huge_pages(grad_logits[i], (size_t)(B * C * stages[i].pixels) * (pr.logit_dtype == DT_F32 ? 4 : 2));
   // Resampled stages: each item scatters the interpolation adjoint into a private double buffer
   // over the native rows its band touches; buffers are summed in item order afterwards.
   const int oa = outer_axis(pr);
