@@ -41,10 +41,11 @@ void map_grad(const Problem& pr, Tile& tl, const float* gce, const float* gi, co
       dot += gs * sv;
       a += gce[c] * tv;
     }
+    const vf shift = a - dot;
     for (int c = 0; c < C; ++c) {
       const vf sv = *(const vf*)(s + (size_t)c * TP + o) * iv, tv = *(const vf*)(t + (size_t)c * TP + o);
       const vf gs = gi[c] * tv + (pr.q == 2 ? (qf * gz[c]) * sv : vf{} + gz[c]);
-      *(vf*)(g + (size_t)c * TP + o) = wv * (sv * (gs - dot + a) - gce[c] * tv);
+      *(vf*)(g + (size_t)c * TP + o) = wv * (sv * (gs + shift) - gce[c] * tv);
     }
   }
 }
@@ -137,20 +138,18 @@ void op_backward(const Problem& pr, const Layout& ly, int u, Tile& tl, vf* dpara
       vf* dc = dparams + ly.cat_w_n + ly.cat_b_n + ly.awf_v_n + ly.awf_c_off[arg];
       const float* __restrict al = tl.alpha.data();
       float* __restrict da = tl.dalpha.data();
-      for (int j = 0; j < k; ++j) {  // dz_{s_j} += α_j g ; dα_j = <g, z_{s_j}>
-        float* __restrict dar = da + (size_t)j * TP;
-        const float* __restrict ar = al + (size_t)j * TP;
-        for (int p = 0; p < TP; ++p) dar[p] = 0.0f;
-        for (int c = 0; c < C; ++c) {
-          const float* __restrict gr = g + (size_t)c * TP;
-          const float* __restrict xr = tl.xs(mem[j], c);
-          float* __restrict gx = tl.gxs(mem[j], c);
-          for (int p = 0; p < TP; ++p) {
-            gx[p] += ar[p] * gr[p];
-            dar[p] += gr[p] * xr[p];
+      for (int j = 0; j < k; ++j)  // dz_{s_j} += α_j g ; dα_j = <g, z_{s_j}> (per pixel vector, in a register)
+        for (int i = 0; i < NV; ++i) {
+          const size_t o = (size_t)VW * i;
+          const vf ar = *(const vf*)(al + (size_t)j * TP + o);
+          vf d{};
+          for (int c = 0; c < C; ++c) {
+            const vf gr = *(const vf*)(g + (size_t)c * TP + o);
+            *(vf*)(tl.gxs(mem[j], c) + o) += ar * gr;
+            d += gr * *(const vf*)(tl.xs(mem[j], c) + o);
           }
+          *(vf*)(da + (size_t)j * TP + o) = d;
         }
-      }
       alignas(ALIGN) float dot[TP];  // da = α ⊙ (dα − <α, dα>)
       for (int p = 0; p < TP; ++p) dot[p] = 0.0f;
       for (int j = 0; j < k; ++j)

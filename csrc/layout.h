@@ -68,13 +68,13 @@ std::vector<Item> make_items(const Problem& p) {
 // Per-thread tile buffers.
 struct Tile {
   int L, C, n = 0;                 // n valid pixels in the current tile
-  aligned_vector<float> x, t, z, s, g, gx, score, alpha, dalpha;
+  aligned_vector<float> x, t, tw, z, s, g, gx, score, alpha, dalpha;  // tw = w·t (the statistics' weights)
   aligned_vector<float> ex, emax;  // per stage: exp(x - max_c x) (C×TP) and the max (TP), once per tile
   std::vector<char> ex_ready;      // ... computed yet for this tile (load_tile resets it)
   alignas(ALIGN) float w[TP];
   alignas(ALIGN) float lse[TP];
   alignas(ALIGN) float inv[TP];   // softmax: tl.s holds exp(z - max); inv = 1 / Σ_c
-  Tile(int L_, int C_, int max_k) : L(L_), C(C_), x((size_t)L_ * C_ * TP), t((size_t)C_ * TP),
+  Tile(int L_, int C_, int max_k) : L(L_), C(C_), x((size_t)L_ * C_ * TP), t((size_t)C_ * TP), tw((size_t)C_ * TP),
       z((size_t)C_ * TP), s((size_t)C_ * TP), g((size_t)C_ * TP), gx((size_t)L_ * C_ * TP),
       score((size_t)max_k * TP), alpha((size_t)max_k * TP), dalpha((size_t)max_k * TP),
       ex((size_t)L_ * C_ * TP), emax((size_t)L_ * TP), ex_ready((size_t)L_, 0) {}

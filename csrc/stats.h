@@ -133,11 +133,11 @@ void accumulate_stats(const Problem& pr, const float* __restrict z, Tile& tl, vf
     const size_t o = (size_t)c * TP;
     vf ce{}, in{}, zs{};
     for (int i = 0; i < NV; ++i) {
-      const vf wv = *(const vf*)(w + VW * i), tv = *(const vf*)(&tl.t[o + VW * i]);
       const vf sv = *(const vf*)(s + o + VW * i) * *(const vf*)(tl.inv + VW * i);
-      ce += wv * tv * (*(const vf*)(tl.lse + VW * i) - *(const vf*)(z + o + VW * i));
-      in += wv * sv * tv;
-      zs += wv * (pr.q == 2 ? sv * sv : sv);
+      const vf wsv = *(const vf*)(w + VW * i) * sv;
+      ce += *(const vf*)(&tl.tw[o + VW * i]) * (*(const vf*)(tl.lse + VW * i) - *(const vf*)(z + o + VW * i));
+      in += wsv * *(const vf*)(&tl.t[o + VW * i]);
+      zs += pr.q == 2 ? wsv * sv : wsv;
     }
     lanes[c] += ce;
     lanes[C + c] += in;
