@@ -106,6 +106,14 @@ void op_backward(const Problem& pr, const Layout& ly, int u, Tile& tl, vf* dpara
       }
       break;
     case OP_MULT:
+      if (k == 2) {  // (most subsets) each member's gradient in one pass: g times the other member
+        for (int j = 0; j < 2; ++j) {
+          float* __restrict gx = tl.gxs(mem[j], 0);
+          const float* __restrict xo = tl.xs(mem[1 - j], 0);
+          for (int e = 0; e < C * TP; ++e) gx[e] += g[e] * xo[e];
+        }
+        break;
+      }
       for (int j = 0; j < k; ++j) {  // d/dz_j = g · Π_{i≠j} z_i (no division)
         float* __restrict gx = tl.gxs(mem[j], 0);
         float* __restrict tmp = tl.z.data();
