@@ -82,7 +82,8 @@ inline void row_fma(Row& acc, float w, const float* x) {  // acc += w * x
 }
 // exp(x) of VW lanes at once for x ≤ 0 (the softmax's shifted logits): fast_exp's n and polynomial;
 // with AVX-512 n is one vrndscaleps, the scale by 2^n one vscalefps (which needs no upper clamp, and
-// underflows to 0): 10 vector operations per VW exponentials (gcc makes 17 of fast_exp's scalar form).
+// underflows to 0): 10 vector operations per VW exponentials (14 otherwise: a compare-and-blend clamp,
+// and 2^n built from integer bits).
 inline vf exp_nonpositive_v(vf x) {
   const vf lo = vf{} - 87.3f;
 #if defined(__AVX512F__)
