@@ -34,18 +34,17 @@ void map_grad(const Problem& pr, Tile& tl, const float* gce, const float* gi, co
   for (int i = 0; i < NV; ++i) {
     const size_t o = (size_t)VW * i;
     const vf iv = *(const vf*)(inv + o), wv = *(const vf*)(w + o);
+    auto grad_s = [&](int c, vf sv, vf tv) { return gi[c] * tv + (pr.q == 2 ? (qf * gz[c]) * sv : vf{} + gz[c]); };
     vf dot{}, a{};
     for (int c = 0; c < C; ++c) {
       const vf sv = *(const vf*)(s + (size_t)c * TP + o) * iv, tv = *(const vf*)(t + (size_t)c * TP + o);
-      const vf gs = gi[c] * tv + (pr.q == 2 ? (qf * gz[c]) * sv : vf{} + gz[c]);
-      dot += gs * sv;
+      dot += grad_s(c, sv, tv) * sv;
       a += gce[c] * tv;
     }
     const vf shift = a - dot;
     for (int c = 0; c < C; ++c) {
       const vf sv = *(const vf*)(s + (size_t)c * TP + o) * iv, tv = *(const vf*)(t + (size_t)c * TP + o);
-      const vf gs = gi[c] * tv + (pr.q == 2 ? (qf * gz[c]) * sv : vf{} + gz[c]);
-      *(vf*)(g + (size_t)c * TP + o) = wv * (sv * (gs + shift) - gce[c] * tv);
+      *(vf*)(g + (size_t)c * TP + o) = wv * (sv * (grad_s(c, sv, tv) + shift) - gce[c] * tv);
     }
   }
 }

@@ -233,8 +233,6 @@ void load_tile(const Problem& pr, const std::vector<Stage>& stages, int64_t b, i
     }
     if (check && bad && err.code == ERR_NONE) err.code = ERR_WEIGHT;
   }
-  for (int c = 0; c < C; ++c)
-    for (int p = 0; p < TP; ++p) tl.tw[(size_t)c * TP + p] = tl.w[p] * tl.t[(size_t)c * TP + p];
 }
 
 }  // namespace

@@ -68,7 +68,7 @@ std::vector<Item> make_items(const Problem& p) {
 // Per-thread tile buffers.
 struct Tile {
   int L, C, n = 0;                 // n valid pixels in the current tile
-  aligned_vector<float> x, t, tw, z, s, g, gx, score, alpha, dalpha;  // tw = w·t (the statistics' weights)
+  aligned_vector<float> x, t, tw, z, s, g, gx, score, alpha, dalpha;  // tw = w·t (forward: target_stats)
   aligned_vector<float> ex, emax;  // per stage: exp(x - max_c x) (C×TP) and the max (TP), once per tile
   std::vector<char> ex_ready;      // ... computed yet for this tile (load_tile resets it)
   alignas(ALIGN) float w[TP];

@@ -79,23 +79,12 @@ int lomix_cpu_forward(const Problem* prp, float* ce, float* inter, float* zsum, 
         if (++tiles % FLUSH_TILES == 0) flush();
         load_tile(pr, stages, item.b, p0, n, tl, true, errs[it]);
         if (errs[it].code != ERR_NONE) break;
+        target_stats(pr, tl, acc + map_block);
         for (int u = 0; u < M; ++u) {
           const float* z = build_map(pr, ly, u, tl);
           activate_map(pr, ly, u, z, tl, true);
           accumulate_stats(pr, z, tl, &lanes[(size_t)u * 3 * C]);
         }
-        double* tg = acc + map_block;
-        for (int c = 0; c < C; ++c) {
-          const float* tr = &tl.t[(size_t)c * TP];
-          float s1 = 0.0f, sq = 0.0f;
-          for (int p = 0; p < TP; ++p) {
-            s1 += tl.w[p] * tr[p];
-            sq += tl.w[p] * (pr.q == 2 ? tr[p] * tr[p] : tr[p]);
-          }
-          tg[c] += s1;
-          tg[C + c] += sq;
-        }
-        tg[2 * C] += sum_tp(tl.w);
       }
       flush();
     }

@@ -62,15 +62,17 @@ void stage_exp(const Problem& pr, Tile& tl, int j) {
   tl.ex_ready[j] = 1;
 }
 
+// Whether map u's softmax is made from its stages' exponentials (Layout::add_by_product; activate_map).
+inline bool by_product(const Problem& pr, const Layout& ly, int u) {
+  return ly.add_by_product && (pr.map_op[u] == OP_ORIG || pr.map_op[u] == OP_ADD);
+}
+
 // Activation of map u (logits z, from build_map) into tl.s / tl.lse / tl.inv, as activate() does;
 // with Layout::add_by_product, an original map's exponentials are its stage's (stage_exp) and an
 // add map's are the products of its members': exp(Σ_j x_j − Σ_j m_j) = Π_j exp(x_j − m_j), no
 // exponential of its own (exact in exact arithmetic; where a pixel's product sum underflows, the
 // tile falls back to activate()). The kernels run with denormals flushed to zero (FlushDenormals).
 // z may be null for such an add map (the backward skips its build): it is built here only for a fallback.
-inline bool by_product(const Problem& pr, const Layout& ly, int u) {
-  return ly.add_by_product && (pr.map_op[u] == OP_ORIG || pr.map_op[u] == OP_ADD);
-}
 void activate_map(const Problem& pr, const Layout& ly, int u, const float* z, Tile& tl, bool with_lse) {
   const int op = pr.map_op[u];
   if (!by_product(pr, ly, u)) {
@@ -98,6 +100,25 @@ void activate_map(const Problem& pr, const Layout& ly, int u, const float* z, Ti
     for (int p = 0; p < TP; ++p) m[p] += mj[p];
   }
   if (!finish_softmax(C, m, tl, with_lse)) activate(pr, z ? z : build_map(pr, ly, u, tl), tl, with_lse);
+}
+
+// The forward's per-tile target statistics, added into tg: Σω·t (C), Σω·t^q (C) and Σω; and tl.tw = ω·t,
+// the weights of every map's CE sum (accumulate_stats).
+void target_stats(const Problem& pr, Tile& tl, double* tg) {
+  const int C = (int)pr.classes;
+  for (int c = 0; c < C; ++c) {
+    const float* tr = &tl.t[(size_t)c * TP];
+    float* twr = &tl.tw[(size_t)c * TP];
+    float s1 = 0.0f, sq = 0.0f;
+    for (int p = 0; p < TP; ++p) {
+      twr[p] = tl.w[p] * tr[p];
+      s1 += twr[p];
+      sq += tl.w[p] * (pr.q == 2 ? tr[p] * tr[p] : tr[p]);
+    }
+    tg[c] += s1;
+    tg[C + c] += sq;
+  }
+  tg[2 * C] += sum_tp(tl.w);
 }
 
 // Fold a row of TP per-pixel values into one VW-lane partial (no horizontal reduction per tile).
