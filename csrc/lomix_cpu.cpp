@@ -23,6 +23,7 @@
 #include "maps.h"
 #include "stats.h"
 #include "adjoint.h"
+#include "grad_pool.h"
 
 extern "C" {
 
@@ -43,6 +44,15 @@ double lomix_cpu_vector_fma_rate(int64_t iters) {
   for (int i = 0; i < 12; ++i) sink += acc[i][0];
   return sink == 12345.0f ? 0.0 : 12.0 * (double)iters / seconds;  // (sink keeps the chains alive)
 }
+
+// Gradient buffers from the pool (grad_pool.h): a DLPack tensor for torch.from_dlpack (null: out of
+// memory or bad arguments); reserve sets the cache's cap to one backward's bytes; release frees the cache.
+DLManagedTensor* lomix_cpu_pool_tensor(int ndim, const int64_t* shape, int dl_code, int bits) {
+  return pooled_tensor(ndim, shape, dl_code, bits);
+}
+void lomix_cpu_pool_reserve(int64_t bytes) { grad_pool().reserve((size_t)bytes); }
+void lomix_cpu_pool_release() { grad_pool().release(); }
+int64_t lomix_cpu_pool_cached_bytes() { return (int64_t)grad_pool().cached_bytes(); }
 
 // Forward sums. Outputs (float32): ce, inter, zsum (M, B, C); tsum, tpow (B, C); count (B,).
 // Returns an Err code (0 = ok); *err_value holds the offending class index / stage.

@@ -97,6 +97,11 @@ def _open(path):
     lib = ctypes.CDLL(path)
     lib.lomix_cpu_forward.restype = ctypes.c_int
     lib.lomix_cpu_backward.restype = ctypes.c_int
+    if hasattr(lib, "lomix_cpu_pool_tensor"):  # (a library built before the pool has none: ab.py's old revisions)
+        lib.lomix_cpu_pool_tensor.restype = ctypes.c_void_p
+        lib.lomix_cpu_pool_tensor.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_int, ctypes.c_int]
+        lib.lomix_cpu_pool_reserve.argtypes = [ctypes.c_int64]
+        lib.lomix_cpu_pool_cached_bytes.restype = ctypes.c_int64
     return lib
 
 
@@ -148,6 +153,47 @@ def vector_fma_rate(iters: int = 20_000_000) -> float:
     fn = _LIB.lomix_cpu_vector_fma_rate
     fn.restype, fn.argtypes = ctypes.c_double, [ctypes.c_int64]
     return float(fn(iters))
+
+
+GRAD_POOL_ENV = "LOMIX_CPU_GRAD_POOL"  # 0: plain torch.empty_like gradients (no recycled buffers)
+_DLPACK_TYPES = {torch.float32: (2, 32), torch.float16: (2, 16), torch.bfloat16: (4, 16)}  # (kDLFloat | kDLBfloat, bits)
+_capsule_new = ctypes.pythonapi.PyCapsule_New
+_capsule_new.restype, _capsule_new.argtypes = ctypes.py_object, [ctypes.c_void_p, ctypes.c_char_p, ctypes.c_void_p]
+
+
+def _grad_pool_enabled() -> bool:
+    return _LIB is not None and hasattr(_LIB, "lomix_cpu_pool_tensor") and os.environ.get(GRAD_POOL_ENV, "1") != "0"
+
+
+def gradients_like(logits) -> list:
+    """Uninitialized contiguous tensors shaped like ``logits`` for the backward to write, over buffers the
+    library recycles (csrc/grad_pool.h): when a gradient tensor dies its buffer goes back to a cache that
+    holds at most one backward's gradients, so the next step writes into memory the process already has
+    rather than fresh pages the OS must fault in and zero. ``LOMIX_CPU_GRAD_POOL=0`` turns it off;
+    :func:`release_cached_gradients` frees the cache."""
+    if not _grad_pool_enabled():
+        return [torch.empty_like(z, memory_format=torch.contiguous_format) for z in logits]
+    _LIB.lomix_cpu_pool_reserve(sum(z.numel() * z.element_size() for z in logits))
+    out = []
+    for z in logits:
+        code, bits = _DLPACK_TYPES[z.dtype]
+        shape = (ctypes.c_int64 * z.dim())(*z.shape)
+        managed = _LIB.lomix_cpu_pool_tensor(z.dim(), shape, code, bits)
+        if not managed:
+            raise MemoryError(f"could not allocate a gradient of shape {tuple(z.shape)} ({z.dtype})")
+        out.append(torch.from_dlpack(_capsule_new(managed, b"dltensor", None)))
+    return out
+
+
+def cached_gradient_bytes() -> int:
+    """Bytes of gradient buffers the library holds for reuse (0 without the pool)."""
+    return int(_LIB.lomix_cpu_pool_cached_bytes()) if _grad_pool_enabled() else 0
+
+
+def release_cached_gradients() -> None:
+    """Free the cached gradient buffers (tensors alive now keep theirs, and free them when they die)."""
+    if _LIB is not None and hasattr(_LIB, "lomix_cpu_pool_release"):
+        _LIB.lomix_cpu_pool_release()
 
 
 def _ptr(t: Optional[Tensor]):
@@ -209,7 +255,7 @@ class CpuKernels:
     def backward(cls, plan, logits, target, pixel_weight, params, gce, ginter, gzsum):
         """Statistic gradients (M, B, C) -> (list of L logits grads, packed float32 param grads)."""
         pr, _keep = cls._problem(plan, logits, target, pixel_weight, params)
-        grads = [torch.empty_like(z) for z in logits]
+        grads = gradients_like(logits)
         gptrs = (ctypes.c_void_p * len(grads))(*[g.data_ptr() for g in grads])
         dparams = torch.zeros(sum(p.numel() for p in params), dtype=torch.float32)
         _library().lomix_cpu_backward(
