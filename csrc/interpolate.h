@@ -235,4 +235,29 @@ void load_tile(const Problem& pr, const std::vector<Stage>& stages, int64_t b, i
   }
 }
 
+// Write the tile's gradient rows (tl.gx, n of TP pixels valid) of the stages at output resolution into
+// grad_logits (B, C, P) in the logits' dtype; whole aligned rows with streaming stores (simd.h).
+void store_gradient_rows(const Problem& pr, const std::vector<Stage>& stages, int64_t b, int64_t p0, int n,
+                         Tile& tl, void* const* grad_logits) {
+  const int C = (int)pr.classes;
+  const size_t es = pr.logit_dtype == DT_F32 ? 4 : 2;
+  alignas(ALIGN) uint16_t half[TP];
+  for (int i = 0; i < pr.num_stages; ++i) {
+    if (stages[i].resampled) continue;  // (scatter_stage: through the interpolation adjoint)
+    for (int c = 0; c < C; ++c) {
+      const float* src = tl.gxs(i, c);
+      void* dst = (char*)grad_logits[i] + ((b * C + c) * pr.pixels + p0) * es;
+      const void* row = src;
+      if (pr.logit_dtype != DT_F32) {
+        for (int p = 0; p < n; ++p) half[p] = pr.logit_dtype == DT_F16 ? float_to_half(src[p]) : float_to_bf16(src[p]);
+        row = half;
+      }
+      if (n == TP && can_stream(dst, TP * es))
+        stream_lines(dst, row, TP * es);
+      else
+        std::memcpy(dst, row, n * es);
+    }
+  }
+}
+
 }  // namespace

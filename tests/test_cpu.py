@@ -72,6 +72,7 @@ SHAPES = [  # L, C, B, spatial, native heads
     (3, 4, 3, (5, 7, 6), True),
     (4, 2, 2, (8, 9, 7), True),
     (2, 7, 1, (3, 5, 4), False),
+    (3, 5, 2, (16, 24), False),  # whole 64-pixel tiles only: every gradient row streamed (simd.h)
 ]
 
 
