@@ -15,10 +15,11 @@ from __future__ import annotations
 
 import time
 
-# Vector operations one exponential costs in csrc/simd.h's exp_nonpositive_v: clamp 1, n 2, range
-# reduction 1, polynomial 5, scale by 2^n 1 (vscalefps) with AVX-512; clamp 2 and scale 4 otherwise.
+# Vector operations one exponential costs in csrc/simd.h's exp_nonpositive_v: clamp 1, n 2 (an FMA with
+# 1.5·2^23 and a subtraction), range reduction 1, polynomial 5, scale by 2^n 1 (vscalefps) with AVX-512;
+# clamp 2 and scale 3 (shift, add, multiply) otherwise.
 # A logarithm (fast_log, ~22) is counted at the same price (one per map, against 2C exponentials).
-CPU_EXP_OPS = {"avx512": 10, "native": 10, "avx2": 14, "portable": 14}
+CPU_EXP_OPS = {"avx512": 10, "native": 10, "avx2": 13, "portable": 13}
 LANES = {"avx512": 16, "native": 16, "avx2": 8, "portable": 4}
 
 
@@ -93,6 +94,6 @@ def cpu_floor(crit, pixels: int, logits_mb: float, target_mb: float, threads: in
     """floor_compute_s, floor_memory_s and floor_s of one fused CPU forward+backward."""
     ops, exps = work_per_pixel(crit)
     peak = threads * LANES.get(variant, 4) * vector_fma_rate()
-    compute = (ops + exps * CPU_EXP_OPS.get(variant, 14)) * pixels / peak
+    compute = (ops + exps * CPU_EXP_OPS.get(variant, 13)) * pixels / peak
     memory = 2 ** 20 * (3 * logits_mb + 2 * target_mb) / cpu_copy_bandwidth()
     return {"floor_compute_s": compute, "floor_memory_s": memory, "floor_s": max(compute, memory)}

@@ -81,21 +81,23 @@ inline void row_fma(Row& acc, float w, const float* x) {  // acc += w * x
   for (int i = 0; i < NV; ++i) acc.v[i] += w * *(const vf*)(x + VW * i);
 }
 // exp(x) of VW lanes at once for x ≤ 0 (the softmax's shifted logits): fast_exp's n and polynomial;
-// with AVX-512 n is one vrndscaleps, the scale by 2^n one vscalefps (which needs no upper clamp, and
-// underflows to 0): 10 vector operations per VW exponentials (14 otherwise: a compare-and-blend clamp,
-// and 2^n built from integer bits).
+// n = round(x·log2 e) by adding and subtracting 1.5·2^23 (one FMA and one subtraction, on either FP
+// port: vrndscaleps is two micro-ops on port 0 only, where vscalefps also runs — 0.97 of the step); with
+// AVX-512 the scale by 2^n is one vscalefps (which needs no upper clamp, and underflows to 0): 10 vector
+// operations per VW exponentials (13 otherwise: a compare-and-blend clamp, 2^n from t's bits: shift, add, multiply).
 inline vf exp_nonpositive_v(vf x) {
   const vf lo = vf{} - 87.3f;
+  const vf shifter = vf{} + 12582912.0f;  // 1.5 * 2^23: round-to-nearest by addition
 #if defined(__AVX512F__)
   x = (vf)_mm512_max_ps((__m512)x, (__m512)lo);  // (x < lo ? lo : x is a compare and a blend)
-  const vf n = (vf)_mm512_roundscale_ps((__m512)(x * 1.44269504088896341f), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  const vf n = (x * 1.44269504088896341f + shifter) - shifter;
   return (vf)_mm512_scalef_ps((__m512)exp_reduced(x, n), (__m512)n);
 #else
   x = x < lo ? lo : x;
-  const vf shifter = vf{} + 12582912.0f;  // 1.5 * 2^23: round-to-nearest by addition
-  const vf n = (x * 1.44269504088896341f + shifter) - shifter;
+  const vf t = x * 1.44269504088896341f + shifter;  // t's low mantissa bits hold n (mod 2^9)
+  const vf n = t - shifter;
   typedef int32_t vi __attribute__((vector_size(VW * 4)));
-  const vi e = (__builtin_convertvector(n, vi) + 127) << 23;
+  const vi e = ((vi)t << 23) + (127 << 23);  // 2^n: (1.5·2^23's own low bits are zero)
   return exp_reduced(x, n) * (vf)e;
 #endif
 }
