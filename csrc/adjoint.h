@@ -28,24 +28,32 @@ void map_grad(const Problem& pr, Tile& tl, const float* gce, const float* gi, co
     return;
   }
   // Softmax: g_c = w (s_c (gs_c − dot + a) − gce_c t_c) with gs_c = gi_c t_c + gz_c q s_c^(q−1),
-  // dot = Σ_c gs_c s_c, a = Σ_c gce_c t_c: per pixel vector, one pass for the two sums (in
-  // registers), one that recomputes s_c and gs_c and writes g (no stored intermediates).
+  // dot = Σ_c gs_c s_c, a = Σ_c gce_c t_c: one pass over the classes for the two sums (in registers),
+  // one that recomputes s_c and gs_c and writes g (no stored intermediates). PIXEL_GROUP pixel vectors
+  // go through each class together: that many independent chains for the sums (one per vector: 0.87 of
+  // this function's cycles in an L1 harness).
   const float* __restrict inv = tl.inv;
-  for (int i = 0; i < NV; ++i) {
-    const size_t o = (size_t)VW * i;
-    const vf iv = *(const vf*)(inv + o), wv = *(const vf*)(w + o);
-    auto grad_s = [&](int c, vf sv, vf tv) { return gi[c] * tv + (pr.q == 2 ? (qf * gz[c]) * sv : vf{} + gz[c]); };
-    vf dot{}, a{};
-    for (int c = 0; c < C; ++c) {
-      const vf sv = *(const vf*)(s + (size_t)c * TP + o) * iv, tv = *(const vf*)(t + (size_t)c * TP + o);
-      dot += grad_s(c, sv, tv) * sv;
-      a += gce[c] * tv;
+  auto grad_s = [&](int c, vf sv, vf tv) { return gi[c] * tv + (pr.q == 2 ? (qf * gz[c]) * sv : vf{} + gz[c]); };
+  for (int i0 = 0; i0 < NV; i0 += PIXEL_GROUP) {
+    vf iv[PIXEL_GROUP], dot[PIXEL_GROUP], a[PIXEL_GROUP];
+    for (int i = 0; i < PIXEL_GROUP; ++i) {
+      iv[i] = *(const vf*)(inv + VW * (i0 + i));
+      dot[i] = a[i] = vf{};
     }
-    const vf shift = a - dot;
-    for (int c = 0; c < C; ++c) {
-      const vf sv = *(const vf*)(s + (size_t)c * TP + o) * iv, tv = *(const vf*)(t + (size_t)c * TP + o);
-      *(vf*)(g + (size_t)c * TP + o) = wv * (sv * (grad_s(c, sv, tv) + shift) - gce[c] * tv);
-    }
+    for (int c = 0; c < C; ++c)
+      for (int i = 0; i < PIXEL_GROUP; ++i) {
+        const size_t o = (size_t)c * TP + VW * (i0 + i);
+        const vf sv = *(const vf*)(s + o) * iv[i], tv = *(const vf*)(t + o);
+        dot[i] += grad_s(c, sv, tv) * sv;
+        a[i] += gce[c] * tv;
+      }
+    for (int i = 0; i < PIXEL_GROUP; ++i) a[i] -= dot[i];  // the shift
+    for (int c = 0; c < C; ++c)
+      for (int i = 0; i < PIXEL_GROUP; ++i) {
+        const size_t o = (size_t)c * TP + VW * (i0 + i);
+        const vf sv = *(const vf*)(s + o) * iv[i], tv = *(const vf*)(t + o);
+        *(vf*)(g + o) = *(const vf*)(w + VW * (i0 + i)) * (sv * (grad_s(c, sv, tv) + a[i]) - gce[c] * tv);
+      }
   }
 }
 
@@ -145,17 +153,21 @@ void op_backward(const Problem& pr, const Layout& ly, int u, Tile& tl, vf* dpara
       vf* dc = dparams + ly.cat_w_n + ly.cat_b_n + ly.awf_v_n + ly.awf_c_off[arg];
       const float* __restrict al = tl.alpha.data();
       float* __restrict da = tl.dalpha.data();
-      for (int j = 0; j < k; ++j)  // dz_{s_j} += α_j g ; dα_j = <g, z_{s_j}> (per pixel vector, in a register)
-        for (int i = 0; i < NV; ++i) {
-          const size_t o = (size_t)VW * i;
-          const vf ar = *(const vf*)(al + (size_t)j * TP + o);
-          vf d{};
-          for (int c = 0; c < C; ++c) {
-            const vf gr = *(const vf*)(g + (size_t)c * TP + o);
-            *(vf*)(tl.gxs(mem[j], c) + o) += ar * gr;
-            d += gr * *(const vf*)(tl.xs(mem[j], c) + o);
+      for (int j = 0; j < k; ++j)  // dz_{s_j} += α_j g ; dα_j = <g, z_{s_j}> (in registers, PIXEL_GROUP vectors side by side)
+        for (int i0 = 0; i0 < NV; i0 += PIXEL_GROUP) {
+          vf ar[PIXEL_GROUP], d[PIXEL_GROUP];
+          for (int i = 0; i < PIXEL_GROUP; ++i) {
+            ar[i] = *(const vf*)(al + (size_t)j * TP + VW * (i0 + i));
+            d[i] = vf{};
           }
-          *(vf*)(da + (size_t)j * TP + o) = d;
+          for (int c = 0; c < C; ++c)
+            for (int i = 0; i < PIXEL_GROUP; ++i) {
+              const size_t o = (size_t)VW * (i0 + i);
+              const vf gr = *(const vf*)(g + (size_t)c * TP + o);
+              *(vf*)(tl.gxs(mem[j], c) + o) += ar[i] * gr;
+              d[i] += gr * *(const vf*)(tl.xs(mem[j], c) + o);
+            }
+          for (int i = 0; i < PIXEL_GROUP; ++i) *(vf*)(da + (size_t)j * TP + VW * (i0 + i)) = d[i];
         }
       alignas(ALIGN) float dot[TP];  // da = α ⊙ (dα − <α, dα>)
       for (int p = 0; p < TP; ++p) dot[p] = 0.0f;

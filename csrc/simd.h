@@ -102,6 +102,11 @@ inline vf exp_nonpositive_v(vf x) {
 #endif
 }
 
+// Pixel vectors of a tile processed side by side where a loop over the classes carries sums (adjoint.h):
+// 4 (three registers each, of 32 with AVX-512 and 16 with AVX2).
+constexpr int PIXEL_GROUP = NV < 4 ? NV : 4;
+static_assert(NV % PIXEL_GROUP == 0, "a tile's vectors split into whole pixel groups");
+
 // Rows updated together in the 1x1-conv ("cat") loops, so that each loaded row feeds CAT_BLOCK
 // accumulator rows: 4 with AVX-512 (16 of its 32 registers hold them), 2 otherwise.
 constexpr int CAT_BLOCK = NV <= 4 ? 4 : 2;
