@@ -100,18 +100,45 @@ void interpolate_stage(const Problem& pr, const Stage& S, int i, int64_t b, int6
   const int C = (int)pr.classes;
   const Axis& aw = S.axis[2];
   for_segments(pr, S, p0, n, [&](const Segment& sg) {
-    alignas(ALIGN) float mix[TP + 1];
+    alignas(ALIGN) float mix[TP + 1 + 32] = {};  // (32: the permute's second table register reads past nw)
     for (int c = 0; c < C; ++c) {
       const int64_t base = (b * C + c) * S.pixels + sg.w_lo;
-      for (int64_t q = 0; q < sg.nw; ++q) {
-        float v = 0.0f;
-        for (int r = 0; r < sg.m; ++r) v += sg.wt[r] * load_one(pr.logit_dtype, pr.logits[i], base + sg.off[r] + q);
-        mix[q] = v;
+      if (pr.logit_dtype == DT_F32) {  // the m native rows, mixed (vectorized over q)
+        const float* rows[4];
+        for (int r = 0; r < sg.m; ++r) rows[r] = (const float*)pr.logits[i] + base + sg.off[r];
+        for (int64_t q = 0; q < sg.nw; ++q) {
+          float v = 0.0f;
+          for (int r = 0; r < sg.m; ++r) v += sg.wt[r] * rows[r][q];
+          mix[q] = v;
+        }
+      } else {
+        for (int64_t q = 0; q < sg.nw; ++q) {
+          float v = 0.0f;
+          for (int r = 0; r < sg.m; ++r) v += sg.wt[r] * load_one(pr.logit_dtype, pr.logits[i], base + sg.off[r] + q);
+          mix[q] = v;
+        }
       }
       float* dst = tl.xs(i, c) + sg.p;
-      for (int t = 0; t < sg.len; ++t) {
+      int t = 0;
+#if defined(__AVX512F__)
+      // 16 output pixels read at most 17 consecutive native columns (a stage is never finer than the
+      // target): both corners by one two-register permute of mix from the vector's first column.
+      for (; t + 16 <= sg.len; t += 16) {
         const int64_t o = sg.ow + t;
-        dst[t] = aw.l0[o] * mix[aw.i0[o] - sg.w_lo] + aw.l1[o] * mix[aw.i1[o] - sg.w_lo];
+        if (aw.i1[o + 15] - aw.i0[o] >= 32) break;  // (never for such stages; the scalar loop would do)
+        const float* tab = mix + (aw.i0[o] - sg.w_lo);
+        const __m512 lo = _mm512_loadu_ps(tab), hi = _mm512_loadu_ps(tab + 16);
+        const __m512i first = _mm512_set1_epi32(aw.i0[o]);
+        const __m512i k0 = _mm512_sub_epi32(_mm512_loadu_si512(&aw.i0[o]), first);
+        const __m512i k1 = _mm512_sub_epi32(_mm512_loadu_si512(&aw.i1[o]), first);
+        const __m512 v = _mm512_fmadd_ps(_mm512_loadu_ps(&aw.l0[o]), _mm512_permutex2var_ps(lo, k0, hi),
+                                         _mm512_mul_ps(_mm512_loadu_ps(&aw.l1[o]), _mm512_permutex2var_ps(lo, k1, hi)));
+        _mm512_storeu_ps(dst + t, v);
+      }
+#endif
+      for (; t < sg.len; ++t) {
+        const int64_t o = sg.ow + t;
+        dst[t] = std::fma(aw.l0[o], mix[aw.i0[o] - sg.w_lo], aw.l1[o] * mix[aw.i1[o] - sg.w_lo]);  // (as the vectors)
       }
     }
   });
