@@ -14,7 +14,7 @@ OLDEST_TRITON := 3.6.0
 GPU_PY = $$($(PY) -c "import torch, sys; sys.exit(not torch.cuda.is_available())" 2>/dev/null \
 	&& echo $(PY) || { $(MAKE) -s setup >&2 && echo $(BIN)/python; })
 
-.PHONY: setup test test-newest test-triton-oldest test-wheel test-gpu bench bench-full bench-gpu device-check device-pkgs demo clean
+.PHONY: setup test test-newest test-triton-oldest test-wheel test-gpu bench cycles bench-full bench-gpu device-check device-pkgs demo clean
 
 $(STAMP): requirements.txt requirements-integrations.txt requirements-integrations-nodeps.txt pyproject.toml setup.py \
 		csrc/lomix_cpu.cpp csrc/cpu_level.cpp $(wildcard csrc/*.h)
@@ -63,6 +63,13 @@ test-wheel:  ## build a wheel (build isolation), install it into a fresh venv ou
 
 device-pkgs:  ## pytest into .device-pkgs (pure python), for a GPU machine whose python lacks it (carry it there)
 	$(PY) -m pip install -q --disable-pip-version-check --target .device-pkgs pytest
+
+CXX ?= g++
+CYCLES_MARCH ?= x86-64-v4
+cycles:  ## cost of each per-tile CPU kernel function with the tile in L1, in vector-FMA slots (benchmarks/cpu_cycles.cpp)
+	mkdir -p build
+	$(CXX) -O3 -std=c++17 -fno-math-errno -fno-trapping-math -march=$(CYCLES_MARCH) -fopenmp benchmarks/cpu_cycles.cpp -o build/cpu_cycles
+	build/cpu_cycles
 
 bench-full: setup  ## also the L and pixel scaling sweeps
 	$(BIN)/python benchmarks/run.py --sweep --configs synapse2d --impls cpu --name sweep

@@ -6,54 +6,75 @@
 
 namespace {
 
-// dL/dz_u (C×TP) into tl.g from the statistic gradients of map u, sample b (C each).
-void map_grad(const Problem& pr, Tile& tl, const float* gce, const float* gi, const float* gz) {
+// dL/dz_u of a softmax map (C×TP) into tl.g from the statistic gradients of map u, sample b (C each):
+// g_c = w (s_c (gs_c − dot + a) − gce_c t_c) with gs_c = gi_c t_c + gz_c q s_c^(q−1), dot = Σ_c gs_c s_c,
+// a = Σ_c gce_c t_c: one pass over the classes for the two sums (in registers), one that recomputes s_c
+// and gs_c and writes g (no stored intermediates). PIXEL_GROUP pixel vectors go through each class
+// together: that many independent chains for the sums, not one per vector (benchmarks/cpu_cycles.cpp:
+// 0.87 of this function's cycles); each class's factors are broadcast once for the group (Q2: q = 2).
+template <bool Q2>
+void softmax_map_grad(const Problem& pr, Tile& tl, const float* __restrict gce, const float* __restrict gi,
+                      const float* __restrict gz) {
   const int C = (int)pr.classes;
-  const float* s = tl.s.data();
+  const float* __restrict s = tl.s.data();
   const float* __restrict t = tl.t.data();
-  float* __restrict g = tl.g.data();
   const float* __restrict w = tl.w;
-  const float qf = (float)pr.q;
-  if (pr.sigmoid) {
-    for (int c = 0; c < C; ++c) {
-      const float* __restrict sr = s + (size_t)c * TP;
-      const float* __restrict tr = t + (size_t)c * TP;
-      float* __restrict gr = g + (size_t)c * TP;
-      const float gic = gi[c], gzc = gz[c], gcec = gce[c];
-      for (int p = 0; p < TP; ++p) {
-        const float gs = gic * tr[p] + gzc * (pr.q == 2 ? qf * sr[p] : 1.0f);
-        gr[p] = w[p] * (gs * sr[p] * (1.0f - sr[p]) + gcec * (sr[p] - tr[p]));
-      }
-    }
-    return;
-  }
-  // Softmax: g_c = w (s_c (gs_c − dot + a) − gce_c t_c) with gs_c = gi_c t_c + gz_c q s_c^(q−1),
-  // dot = Σ_c gs_c s_c, a = Σ_c gce_c t_c: one pass over the classes for the two sums (in registers),
-  // one that recomputes s_c and gs_c and writes g (no stored intermediates). PIXEL_GROUP pixel vectors
-  // go through each class together: that many independent chains for the sums (one per vector: 0.87 of
-  // this function's cycles in an L1 harness).
   const float* __restrict inv = tl.inv;
-  auto grad_s = [&](int c, vf sv, vf tv) { return gi[c] * tv + (pr.q == 2 ? (qf * gz[c]) * sv : vf{} + gz[c]); };
+  float* __restrict g = tl.g.data();
+  struct Factors { vf gi, gz, gce; };  // gz: q·gz_c when Q2
+  auto factors = [&](int c) { return Factors{vf{} + gi[c], vf{} + (Q2 ? 2.0f * gz[c] : gz[c]), vf{} + gce[c]}; };
+  auto grad_s = [](const Factors& f, vf sv, vf tv) { return Q2 ? f.gi * tv + f.gz * sv : f.gi * tv + f.gz; };
   for (int i0 = 0; i0 < NV; i0 += PIXEL_GROUP) {
     vf iv[PIXEL_GROUP], dot[PIXEL_GROUP], a[PIXEL_GROUP];
     for (int i = 0; i < PIXEL_GROUP; ++i) {
       iv[i] = *(const vf*)(inv + VW * (i0 + i));
       dot[i] = a[i] = vf{};
     }
-    for (int c = 0; c < C; ++c)
+    for (int c = 0; c < C; ++c) {
+      const Factors f = factors(c);
       for (int i = 0; i < PIXEL_GROUP; ++i) {
         const size_t o = (size_t)c * TP + VW * (i0 + i);
         const vf sv = *(const vf*)(s + o) * iv[i], tv = *(const vf*)(t + o);
-        dot[i] += grad_s(c, sv, tv) * sv;
-        a[i] += gce[c] * tv;
+        dot[i] += grad_s(f, sv, tv) * sv;
+        a[i] += f.gce * tv;
       }
+    }
     for (int i = 0; i < PIXEL_GROUP; ++i) a[i] -= dot[i];  // the shift
-    for (int c = 0; c < C; ++c)
+    for (int c = 0; c < C; ++c) {
+      const Factors f = factors(c);
       for (int i = 0; i < PIXEL_GROUP; ++i) {
         const size_t o = (size_t)c * TP + VW * (i0 + i);
         const vf sv = *(const vf*)(s + o) * iv[i], tv = *(const vf*)(t + o);
-        *(vf*)(g + o) = *(const vf*)(w + VW * (i0 + i)) * (sv * (grad_s(c, sv, tv) + a[i]) - gce[c] * tv);
+        *(vf*)(g + o) = *(const vf*)(w + VW * (i0 + i)) * (sv * (grad_s(f, sv, tv) + a[i]) - f.gce * tv);
       }
+    }
+  }
+}
+
+// dL/dz_u (C×TP) into tl.g from the statistic gradients of map u, sample b (C each).
+void map_grad(const Problem& pr, Tile& tl, const float* gce, const float* gi, const float* gz) {
+  if (!pr.sigmoid) {
+    if (pr.q == 2)
+      softmax_map_grad<true>(pr, tl, gce, gi, gz);
+    else
+      softmax_map_grad<false>(pr, tl, gce, gi, gz);
+    return;
+  }
+  const int C = (int)pr.classes;
+  const float* __restrict s = tl.s.data();
+  const float* __restrict t = tl.t.data();
+  float* __restrict g = tl.g.data();
+  const float* __restrict w = tl.w;
+  const float qf = (float)pr.q;
+  for (int c = 0; c < C; ++c) {  // sigmoid
+    const float* __restrict sr = s + (size_t)c * TP;
+    const float* __restrict tr = t + (size_t)c * TP;
+    float* __restrict gr = g + (size_t)c * TP;
+    const float gic = gi[c], gzc = gz[c], gcec = gce[c];
+    for (int p = 0; p < TP; ++p) {
+      const float gs = gic * tr[p] + gzc * (pr.q == 2 ? qf * sr[p] : 1.0f);
+      gr[p] = w[p] * (gs * sr[p] * (1.0f - sr[p]) + gcec * (sr[p] - tr[p]));
+    }
   }
 }
 

@@ -128,7 +128,7 @@ inline void fold_row(vf& acc, const float* r) {
 
 // Accumulate the sums of one map (z, tl.s) into VW-lane partials: lanes[c] (ce), lanes[C + c]
 // (inter), lanes[2C + c] (zsum). The caller folds them into double every FLUSH_TILES tiles.
-void accumulate_stats(const Problem& pr, const float* __restrict z, Tile& tl, vf* lanes) {
+void accumulate_stats(const Problem& pr, const float* __restrict z, Tile& tl, vf* __restrict lanes) {
   const int C = (int)pr.classes;
   const float* __restrict s = tl.s.data();
   const float* __restrict w = tl.w;
