@@ -16,7 +16,7 @@ template <bool Q2>
 void softmax_map_grad(const Problem& pr, Tile& tl, const float* __restrict gce, const float* __restrict gi,
                       const float* __restrict gz) {
   const int C = (int)pr.classes;
-  const float* __restrict s = tl.s.data();
+  const float* __restrict s = tl.probs;
   const float* __restrict t = tl.t.data();
   const float* __restrict w = tl.w;
   const float* __restrict inv = tl.inv;
@@ -61,7 +61,7 @@ void map_grad(const Problem& pr, Tile& tl, const float* gce, const float* gi, co
     return;
   }
   const int C = (int)pr.classes;
-  const float* __restrict s = tl.s.data();
+  const float* __restrict s = tl.probs;
   const float* __restrict t = tl.t.data();
   float* __restrict g = tl.g.data();
   const float* __restrict w = tl.w;

@@ -69,15 +69,16 @@ std::vector<Item> make_items(const Problem& p) {
 struct Tile {
   int L, C, n = 0;                 // n valid pixels in the current tile
   aligned_vector<float> x, t, tw, z, s, g, gx, score, alpha, dalpha;  // tw = w·t (forward: target_stats)
-  aligned_vector<float> ex, emax;  // per stage: exp(x - max_c x) (C×TP) and the max (TP), once per tile
+  aligned_vector<float> ex, emax, esum;  // per stage: exp(x - max_c x) (C×TP), the max and Σ_c (TP), once per tile
   std::vector<char> ex_ready;      // ... computed yet for this tile (load_tile resets it)
+  const float* probs = nullptr;    // the current map's activation: tl.s, or (an original map) its stage's ex
   alignas(ALIGN) float w[TP];
   alignas(ALIGN) float lse[TP];
-  alignas(ALIGN) float inv[TP];   // softmax: tl.s holds exp(z - max); inv = 1 / Σ_c
+  alignas(ALIGN) float inv[TP];   // softmax: probs holds exp(z - max); inv = 1 / Σ_c
   Tile(int L_, int C_, int max_k) : L(L_), C(C_), x((size_t)L_ * C_ * TP), t((size_t)C_ * TP), tw((size_t)C_ * TP),
       z((size_t)C_ * TP), s((size_t)C_ * TP), g((size_t)C_ * TP), gx((size_t)L_ * C_ * TP),
       score((size_t)max_k * TP), alpha((size_t)max_k * TP), dalpha((size_t)max_k * TP),
-      ex((size_t)L_ * C_ * TP), emax((size_t)L_ * TP), ex_ready((size_t)L_, 0) {}
+      ex((size_t)L_ * C_ * TP), emax((size_t)L_ * TP), esum((size_t)L_ * TP), ex_ready((size_t)L_, 0) {}
   float* xs(int stage, int c) { return &x[((size_t)stage * C + c) * TP]; }
   float* gxs(int stage, int c) { return &gx[((size_t)stage * C + c) * TP]; }
   float* exs(int stage) { return &ex[(size_t)stage * C * TP]; }

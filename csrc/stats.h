@@ -5,28 +5,30 @@
 
 namespace {
 
-// The shifted exponentials of a softmax over classes: m = max_c z (TP) and e = exp(z − m) (C×TP).
-inline void shifted_exps(const float* __restrict z, int C, float* __restrict e, float* __restrict m) {
+// The shifted exponentials of a softmax over classes: m = max_c z (TP), e = exp(z − m) (C×TP) and
+// their sum over classes (TP), summed in class order while they are made (no pass of its own).
+inline void shifted_exps(const float* __restrict z, int C, float* __restrict e, float* __restrict m,
+                         float* __restrict sum) {
   for (int p = 0; p < TP; ++p) m[p] = z[p];
   for (int c = 1; c < C; ++c)
     for (int p = 0; p < TP; ++p) {
       const float v = z[(size_t)c * TP + p];
       m[p] = v > m[p] ? v : m[p];
     }
+  vf acc[NV] = {};
   for (int c = 0; c < C; ++c)
-    for (int i = 0; i < NV; ++i)
-      *(vf*)(e + (size_t)c * TP + VW * i) = exp_nonpositive_v(*(const vf*)(z + (size_t)c * TP + VW * i) - *(const vf*)(m + VW * i));
+    for (int i = 0; i < NV; ++i) {
+      const vf v = exp_nonpositive_v(*(const vf*)(z + (size_t)c * TP + VW * i) - *(const vf*)(m + VW * i));
+      *(vf*)(e + (size_t)c * TP + VW * i) = v;
+      acc[i] += v;
+    }
+  for (int i = 0; i < NV; ++i) *(vf*)(sum + VW * i) = acc[i];
 }
 
-// inv (and with_lse: lse) of the unnormalized exponentials in tl.s, whose shift is m (TP). False
+// inv (and with_lse: lse) of unnormalized exponentials with shift m and class sum `sum` (TP). False
 // (nothing written) when some pixel's sum is below 1e-20: its exponentials underflowed (never for a
 // shift by the max, whose class contributes exp(0) = 1). The backward needs no lse (no logarithm).
-bool finish_softmax(int C, const float* __restrict m, Tile& tl, bool with_lse) {
-  const float* __restrict s = tl.s.data();
-  alignas(ALIGN) float sum[TP];
-  for (int p = 0; p < TP; ++p) sum[p] = s[p];
-  for (int c = 1; c < C; ++c)
-    for (int p = 0; p < TP; ++p) sum[p] += s[(size_t)c * TP + p];
+bool finish_softmax(const float* __restrict m, const float* __restrict sum, Tile& tl, bool with_lse) {
   int underflow = 0;  // an OR, not a running min: a min over floats does not vectorize (NaN order)
   for (int p = 0; p < TP; ++p) underflow |= !(sum[p] >= 1e-20f);
   if (underflow) return false;
@@ -41,6 +43,7 @@ bool finish_softmax(int C, const float* __restrict m, Tile& tl, bool with_lse) {
 void activate(const Problem& pr, const float* __restrict z, Tile& tl, bool with_lse) {
   const int C = (int)pr.classes;
   float* __restrict s = tl.s.data();
+  tl.probs = s;
   if (pr.sigmoid) {
     for (int e = 0; e < C * TP; ++e) {
       const float ez = fast_exp(-std::fabs(z[e]));
@@ -49,17 +52,31 @@ void activate(const Problem& pr, const float* __restrict z, Tile& tl, bool with_
     }
     return;
   }
-  alignas(ALIGN) float m[TP];
-  shifted_exps(z, C, s, m);
-  finish_softmax(C, m, tl, with_lse);
+  alignas(ALIGN) float m[TP], sum[TP];
+  shifted_exps(z, C, s, m, sum);
+  finish_softmax(m, sum, tl, with_lse);
 }
 
-// exp(x_j − max_c x_j) of stage j alone into tl.ex (and the max into tl.emax), once per tile: an
-// original map's softmax and the factors of every add map's exponentials.
+// exp(x_j − max_c x_j) of stage j alone into tl.ex (the max and the sum into tl.emax, tl.esum), once
+// per tile: an original map's softmax and the factors of every add map's exponentials.
 void stage_exp(const Problem& pr, Tile& tl, int j) {
   if (tl.ex_ready[j]) return;
-  shifted_exps(tl.xs(j, 0), (int)pr.classes, tl.exs(j), &tl.emax[(size_t)j * TP]);
+  shifted_exps(tl.xs(j, 0), (int)pr.classes, tl.exs(j), &tl.emax[(size_t)j * TP], &tl.esum[(size_t)j * TP]);
   tl.ex_ready[j] = 1;
+}
+
+// out = a ⊙ b over C×TP (out may be a); with sum, also Σ_c out into sum (TP), in class order.
+inline void product_rows(int C, const float* a, const float* b, float* out, float* sum) {
+  vf acc[NV] = {};
+  for (int c = 0; c < C; ++c)
+    for (int i = 0; i < NV; ++i) {
+      const size_t o = (size_t)c * TP + VW * i;
+      const vf v = *(const vf*)(a + o) * *(const vf*)(b + o);
+      *(vf*)(out + o) = v;
+      acc[i] += v;
+    }
+  if (sum)
+    for (int i = 0; i < NV; ++i) *(vf*)(sum + VW * i) = acc[i];
 }
 
 // Whether map u's softmax is made from its stages' exponentials (Layout::add_by_product; activate_map).
@@ -80,26 +97,26 @@ void activate_map(const Problem& pr, const Layout& ly, int u, const float* z, Ti
     return;
   }
   const int C = ly.C, arg = pr.map_arg[u];
-  float* __restrict s = tl.s.data();
-  if (op == OP_ORIG) {
+  if (op == OP_ORIG) {  // the stage's exponentials as they are (no copy)
     stage_exp(pr, tl, arg);
-    std::memcpy(s, tl.exs(arg), sizeof(float) * C * TP);
-    finish_softmax(C, &tl.emax[(size_t)arg * TP], tl, with_lse);  // never false: the max class contributes exp(0) = 1
+    tl.probs = tl.exs(arg);
+    // never false: the max class contributes exp(0) = 1
+    finish_softmax(&tl.emax[(size_t)arg * TP], &tl.esum[(size_t)arg * TP], tl, with_lse);
     return;
   }
   const int k = pr.subset_size[arg];
   const int32_t* mem = pr.subset_members + ly.sub_start[arg];
-  alignas(ALIGN) float m[TP];
+  float* s = tl.s.data();
+  tl.probs = s;
+  alignas(ALIGN) float m[TP], sum[TP];
   for (int j = 0; j < k; ++j) stage_exp(pr, tl, mem[j]);
-  std::memcpy(s, tl.exs(mem[0]), sizeof(float) * C * TP);
   std::memcpy(m, &tl.emax[(size_t)mem[0] * TP], sizeof(float) * TP);
-  for (int j = 1; j < k; ++j) {
-    const float* __restrict e = tl.exs(mem[j]);
+  for (int j = 1; j < k; ++j) {  // s = e_0 · e_1 (· e_2 ...); the last product also sums over classes
+    product_rows(C, j == 1 ? tl.exs(mem[0]) : s, tl.exs(mem[j]), s, j == k - 1 ? sum : nullptr);
     const float* __restrict mj = &tl.emax[(size_t)mem[j] * TP];
-    for (int q = 0; q < C * TP; ++q) s[q] *= e[q];
     for (int p = 0; p < TP; ++p) m[p] += mj[p];
   }
-  if (!finish_softmax(C, m, tl, with_lse)) activate(pr, z ? z : build_map(pr, ly, u, tl), tl, with_lse);
+  if (!finish_softmax(m, sum, tl, with_lse)) activate(pr, z ? z : build_map(pr, ly, u, tl), tl, with_lse);
 }
 
 // The forward's per-tile target statistics, added into tg: Σω·t (C), Σω·t^q (C) and Σω; and tl.tw = ω·t,
@@ -130,7 +147,7 @@ inline void fold_row(vf& acc, const float* r) {
 // (inter), lanes[2C + c] (zsum). The caller folds them into double every FLUSH_TILES tiles.
 void accumulate_stats(const Problem& pr, const float* __restrict z, Tile& tl, vf* __restrict lanes) {
   const int C = (int)pr.classes;
-  const float* __restrict s = tl.s.data();
+  const float* __restrict s = tl.probs;
   const float* __restrict w = tl.w;
   if (pr.sigmoid) {
     alignas(ALIGN) float ce_p[TP], i_p[TP], z_p[TP];
