@@ -74,6 +74,7 @@ typedef float vf __attribute__((vector_size(VW * 4), aligned(4)));
 constexpr int NV = TP / VW;
 static_assert(TP % VW == 0, "TP must be a multiple of the vector width");
 struct Row { vf v[NV]; };
+inline vf vmax(vf a, vf b) { return a > b ? a : b; }  // (one vmaxps)
 inline Row row_splat(float a) { Row r; for (int i = 0; i < NV; ++i) r.v[i] = vf{} + a; return r; }
 inline Row row_load(const float* p) { Row r; for (int i = 0; i < NV; ++i) r.v[i] = *(const vf*)(p + VW * i); return r; }
 inline void row_store(float* p, const Row& r) { for (int i = 0; i < NV; ++i) *(vf*)(p + VW * i) = r.v[i]; }
