@@ -128,17 +128,29 @@ void op_backward(const Problem& pr, const Layout& ly, int u, Tile& tl, vf* dpara
   const int K = k * C;
   switch (op) {
     case OP_ADD:
+      if (k == 2) {  // (most subsets) both members in one pass over g
+        float* __restrict g0 = tl.gxs(mem[0], 0);
+        float* __restrict g1 = tl.gxs(mem[1], 0);
+        for (int e = 0; e < C * TP; ++e) {
+          g0[e] += g[e];
+          g1[e] += g[e];
+        }
+        break;
+      }
       for (int j = 0; j < k; ++j) {
         float* __restrict gx = tl.gxs(mem[j], 0);
         for (int e = 0; e < C * TP; ++e) gx[e] += g[e];
       }
       break;
     case OP_MULT:
-      if (k == 2) {  // (most subsets) each member's gradient in one pass: g times the other member
-        for (int j = 0; j < 2; ++j) {
-          float* __restrict gx = tl.gxs(mem[j], 0);
-          const float* __restrict xo = tl.xs(mem[1 - j], 0);
-          for (int e = 0; e < C * TP; ++e) gx[e] += g[e] * xo[e];
+      if (k == 2) {  // (most subsets) both members' gradients in one pass: g times the other member
+        float* __restrict g0 = tl.gxs(mem[0], 0);
+        float* __restrict g1 = tl.gxs(mem[1], 0);
+        const float* __restrict x0 = tl.xs(mem[0], 0);
+        const float* __restrict x1 = tl.xs(mem[1], 0);
+        for (int e = 0; e < C * TP; ++e) {
+          g0[e] += g[e] * x1[e];
+          g1[e] += g[e] * x0[e];
         }
         break;
       }
