@@ -63,24 +63,18 @@ const float* build_map(const Problem& pr, const Layout& ly, int u, Tile& tl) {
         }
         row_store(a + (size_t)r * TP, acc);
       }
-      alignas(ALIGN) float m[TP];
-      alignas(ALIGN) float sum[TP];
-      for (int p = 0; p < TP; ++p) m[p] = a[p];
-      for (int r = 1; r < k; ++r)
-        for (int p = 0; p < TP; ++p) {
-          const float v = a[(size_t)r * TP + p];
-          m[p] = v > m[p] ? v : m[p];
+      for (int i = 0; i < NV; ++i) {  // α = softmax over the k scores, per pixel vector
+        const size_t o = (size_t)VW * i;
+        vf m = *(const vf*)(a + o), sum{};
+        for (int r = 1; r < k; ++r) m = vmax(*(const vf*)(a + (size_t)r * TP + o), m);
+        for (int r = 0; r < k; ++r) {
+          const vf e = exp_nonpositive_v(*(const vf*)(a + (size_t)r * TP + o) - m);
+          *(vf*)(al + (size_t)r * TP + o) = e;
+          sum += e;
         }
-      for (int p = 0; p < TP; ++p) sum[p] = 0.0f;
-      for (int r = 0; r < k; ++r)
-        for (int p = 0; p < TP; ++p) {
-          const float e = fast_exp(a[(size_t)r * TP + p] - m[p]);
-          al[(size_t)r * TP + p] = e;
-          sum[p] += e;
-        }
-      for (int p = 0; p < TP; ++p) sum[p] = 1.0f / sum[p];
-      for (int r = 0; r < k; ++r)
-        for (int p = 0; p < TP; ++p) al[(size_t)r * TP + p] *= sum[p];
+        const vf inv = 1.0f / sum;
+        for (int r = 0; r < k; ++r) *(vf*)(al + (size_t)r * TP + o) *= inv;
+      }
       for (int c = 0; c < C; ++c) {
         Row acc = row_splat(0.0f);
         for (int j = 0; j < k; ++j) row_fma(acc, al + (size_t)j * TP, tl.xs(mem[j], c));
