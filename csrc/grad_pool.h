@@ -42,8 +42,9 @@ constexpr int POOL_MAX_DIMS = 8;
 
 class GradPool {
  public:
-  // A buffer of at least `bytes` (64-byte aligned; 2 MiB aligned with a transparent-huge-page hint
-  // when it is that large), from the cache when one of that size is there.
+  // A buffer of at least `bytes` (64-byte aligned; 2 MiB aligned when it is that large, so that the
+  // backward's transparent-huge-page hint, advise_huge_pages, covers all of it), from the cache when one
+  // of that size is there.
   void* take(size_t bytes) {
     {
       std::lock_guard<std::mutex> lock(mu_);
@@ -58,7 +59,6 @@ class GradPool {
     const size_t huge = (size_t)2 << 20, align = bytes >= huge ? huge : ALIGN;
     void* p = nullptr;
     if (posix_memalign(&p, align, (bytes + align - 1) / align * align) != 0) return nullptr;
-    advise_huge_pages(p, bytes);
     return p;
   }
 
