@@ -72,7 +72,7 @@ const float* build_map(const Problem& pr, const Layout& ly, int u, Tile& tl) {
           *(vf*)(al + (size_t)r * TP + o) = e;
           sum += e;
         }
-        const vf inv = 1.0f / sum;
+        const vf inv = reciprocal_v(sum);
         for (int r = 0; r < k; ++r) *(vf*)(al + (size_t)r * TP + o) *= inv;
       }
       for (int c = 0; c < C; ++c) {

@@ -28,16 +28,22 @@ inline void shifted_exps(const float* __restrict z, int C, float* __restrict e, 
   for (int i = 0; i < NV; ++i) *(vf*)(sum + VW * i) = acc[i];
 }
 
-// inv (and with_lse: lse) of unnormalized exponentials with shift m and class sum `sum` (TP). False
-// (nothing written) when some pixel's sum is below 1e-20: its exponentials underflowed (never for a
-// shift by the max, whose class contributes exp(0) = 1). The backward needs no lse (no logarithm).
-bool finish_softmax(const float* __restrict m, const float* __restrict sum, Tile& tl, bool with_lse) {
-  int underflow = 0;  // an OR, not a running min: a min over floats does not vectorize (NaN order)
-  for (int p = 0; p < TP; ++p) underflow |= !(sum[p] >= 1e-20f);
-  if (underflow) return false;
+// inv (and with_lse: lse) of unnormalized exponentials with shift m and class sum `sum` (TP), in
+// vectors. With check: false (nothing written) when some pixel's sum is not ≥ 1e-20: its exponentials
+// underflowed — possible only for a product of exponentials (activate_map); a shift by the max gives a
+// sum ≥ 1 (its class contributes exp(0)). The backward needs no lse (no logarithm).
+bool finish_softmax(const float* __restrict m, const float* __restrict sum, Tile& tl, bool with_lse,
+                    bool check) {
+  if (check) {
+    typedef int32_t vi __attribute__((vector_size(VW * 4)));
+    vi ok = *(const vf*)sum >= 1e-20f;  // all ones where the sum is usable (false for NaN)
+    for (int i = 1; i < NV; ++i) ok &= *(const vf*)(sum + VW * i) >= 1e-20f;
+    for (int l = 0; l < VW; ++l)
+      if (!ok[l]) return false;
+  }
   if (with_lse)
     for (int p = 0; p < TP; ++p) tl.lse[p] = m[p] + fast_log(sum[p]);
-  for (int p = 0; p < TP; ++p) tl.inv[p] = 1.0f / sum[p];
+  for (int i = 0; i < NV; ++i) *(vf*)(tl.inv + VW * i) = reciprocal_v(*(const vf*)(sum + VW * i));
   return true;
 }
 
@@ -57,7 +63,7 @@ void activate(const Problem& pr, const float* __restrict z, Tile& tl, bool with_
   }
   alignas(ALIGN) float m[TP], sum[TP];
   shifted_exps(z, C, s, m, sum);
-  finish_softmax(m, sum, tl, with_lse);
+  finish_softmax(m, sum, tl, with_lse, false);
 }
 
 // exp(x_j − max_c x_j) of stage j alone into tl.ex (the max and the sum into tl.emax, tl.esum), once
@@ -103,8 +109,7 @@ void activate_map(const Problem& pr, const Layout& ly, int u, const float* z, Ti
   if (op == OP_ORIG) {  // the stage's exponentials as they are (no copy)
     stage_exp(pr, tl, arg);
     tl.probs = tl.exs(arg);
-    // never false: the max class contributes exp(0) = 1
-    finish_softmax(&tl.emax[(size_t)arg * TP], &tl.esum[(size_t)arg * TP], tl, with_lse);
+    finish_softmax(&tl.emax[(size_t)arg * TP], &tl.esum[(size_t)arg * TP], tl, with_lse, false);
     return;
   }
   const int k = pr.subset_size[arg];
@@ -119,7 +124,7 @@ void activate_map(const Problem& pr, const Layout& ly, int u, const float* z, Ti
     const float* __restrict mj = &tl.emax[(size_t)mem[j] * TP];
     for (int p = 0; p < TP; ++p) m[p] += mj[p];
   }
-  if (!finish_softmax(m, sum, tl, with_lse)) activate(pr, z ? z : build_map(pr, ly, u, tl), tl, with_lse);
+  if (!finish_softmax(m, sum, tl, with_lse, true)) activate(pr, z ? z : build_map(pr, ly, u, tl), tl, with_lse);
 }
 
 // The forward's per-tile target statistics, added into tg: Σω·t (C), Σω·t^q (C) and Σω; and tl.tw = ω·t,
