@@ -1,12 +1,17 @@
 // Cost of each per-tile function of the fused CPU kernels with the tile in L1, per map kind, in
-// vector-FMA slots per class vector (one class's VW pixels): the time of 100 000 calls times this
-// core's measured vector-FMA rate (csrc's lomix_cpu_vector_fma_rate), divided by the tile's C·TP/VW
-// class vectors — the unit benchmarks/floor.py counts operations in, so each number reads against the
-// floor's operations per class vector (README, Performance). One map per kind, k = 2 members.
+// vector-FMA slots per class vector (one class's VW pixels): the time of N calls times this core's
+// measured vector-FMA rate (csrc's lomix_cpu_vector_fma_rate), divided by the tile's C·TP/VW class
+// vectors — the unit benchmarks/floor.py counts operations in, so each number reads against the
+// floor's operations per class vector (README, Performance).
+//
+// Two tables: (1) one map per kind with k = 2 members, each function alone; (2) the whole tile of the
+// L = 4 problem (all 48 maps, k = 2..4 as in synapse2d): each map's functions alone, summed per kind,
+// against the forward and backward of the tile run as the library runs them (load, every map in
+// order) — what the maps cost together before memory, work items and threads.
 //
 //     make cycles                      # builds this file against csrc/ (AVX-512) and runs it
 //     ./build/cpu_cycles 14            # another class count (default 9)
-//     ./build/cpu_cycles 9 1000        # calls per timing (default 100 000)
+//     ./build/cpu_cycles 9 1000        # calls per timing (default 100 000; the whole tile: N / 30)
 //
 // It includes csrc/lomix_cpu.cpp (one translation unit, as the library is built), so it times the
 // kernels' own functions, inlined as they are there.
@@ -16,86 +21,204 @@
 #include <cstdlib>
 #include <random>
 
+namespace {
+
+constexpr int L = 4;
+const char* const KIND_NAMES[5] = {"orig", "add", "mult", "cat", "awf"};
+
+// A one-tile problem (8x8 pixels per stage, integer targets, Dice q = 2) over the given maps: the L
+// original maps, then the ops of each subset (member lists), with random logits and parameters.
+struct TileProblem {
+  int C;
+  std::vector<std::vector<float>> logits;
+  std::vector<int64_t> target;
+  const void* lp[L];
+  int64_t sizes[3 * L];
+  std::vector<int32_t> op, arg, subset_size, members;
+  std::vector<float> cat_w, cat_b, awf_v, awf_c;
+  Problem pr{};
+
+  TileProblem(int classes, const std::vector<std::vector<int32_t>>& subsets, const std::vector<int32_t>& ops)
+      : C(classes), logits(L, std::vector<float>((size_t)classes * TP)), target(TP) {
+    std::mt19937 rng(0);
+    std::normal_distribution<float> normal;
+    for (auto& v : logits)
+      for (auto& x : v) x = 2.0f * normal(rng);
+    for (auto& y : target) y = (int64_t)(rng() % C);
+    size_t nw = 0, nv = 0;
+    for (int i = 0; i < L; ++i) {
+      lp[i] = logits[i].data();
+      sizes[3 * i] = 1, sizes[3 * i + 1] = 8, sizes[3 * i + 2] = 8;
+      op.push_back(OP_ORIG), arg.push_back(i);
+    }
+    for (size_t s = 0; s < subsets.size(); ++s) {
+      const int k = (int)subsets[s].size();
+      subset_size.push_back(k);
+      members.insert(members.end(), subsets[s].begin(), subsets[s].end());
+      for (int o : ops) op.push_back(o), arg.push_back((int32_t)s);
+      nw += (size_t)C * k * C, nv += (size_t)k * k * C;
+    }
+    cat_w.resize(nw), cat_b.assign(subsets.size() * C, 0.1f), awf_v.resize(nv), awf_c.assign(nv / C + 1, 0.0f);
+    for (auto& x : cat_w) x = 0.2f * normal(rng);
+    for (auto& x : awf_v) x = 0.2f * normal(rng);
+    pr.batch = 1; pr.classes = C; pr.pixels = TP; pr.num_stages = L; pr.num_maps = (int32_t)op.size();
+    pr.num_subsets = (int32_t)subsets.size(); pr.logit_dtype = DT_F32; pr.target_kind = TK_I64; pr.q = 2;
+    pr.num_labels = C; pr.num_threads = 1; pr.awf_block_diagonal = 1; pr.spatial_rank = 2;
+    pr.out_size[0] = 1; pr.out_size[1] = 8; pr.out_size[2] = 8;
+    pr.stage_size = sizes; pr.logits = lp; pr.target = target.data();
+    pr.map_op = op.data(); pr.map_arg = arg.data(); pr.subset_size = subset_size.data();
+    pr.subset_members = members.data();
+    pr.cat_w = cat_w.data(); pr.cat_b = cat_b.data(); pr.awf_v = awf_v.data(); pr.awf_c = awf_c.data();
+  }
+};
+
+// Best of 3 runs of n calls of f, in vector-FMA slots per class vector of a C-class tile.
+template <class F>
+double slots(F&& f, int n, int C, double fma_rate) {
+  double best = 1e30;
+  for (int rep = 0; rep < 3; ++rep) {
+    const auto t0 = std::chrono::steady_clock::now();
+    for (int it = 0; it < n; ++it) {
+      f();
+      asm volatile("" ::: "memory");
+    }
+    best = std::min(best, std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count());
+  }
+  return best * fma_rate / n / ((double)C * TP / VW);
+}
+
+// The loaded tile, its buffers and the statistic gradients of a TileProblem, and the cost of each
+// function of one map u: build, activate (forward), statistics, activate (backward), dL/dz, adjoint.
+struct TileBench {
+  const Problem& pr;
+  const Layout ly;
+  const std::vector<Stage> stages;
+  Tile tl;
+  aligned_vector<float> lane_buf, param_buf;
+  std::vector<float> gce, gi, gz;
+  double target_sums[64] = {0};
+  ItemError err;
+
+  explicit TileBench(const Problem& p)
+      : pr(p), ly(p), stages(make_stages(p)), tl(L, ly.C, ly.max_k),
+        lane_buf((size_t)3 * ly.M * ly.C * VW), param_buf((size_t)ly.num_params() * VW),
+        gce((size_t)ly.M * ly.C, 0.1f), gi((size_t)ly.M * ly.C, -0.2f), gz((size_t)ly.M * ly.C, 0.05f) {
+    load(true);
+    for (int j = 0; j < L; ++j) stage_exp(pr, tl, j);  // made once per tile: not charged to one map
+  }
+  vf* lanes(int u) { return (vf*)lane_buf.data() + (size_t)u * 3 * ly.C; }
+  vf* dparams() { return (vf*)param_buf.data(); }
+  const float* grad(const std::vector<float>& v, int u) const { return v.data() + (size_t)u * ly.C; }
+  void load(bool forward) {
+    load_tile(pr, stages, 0, 0, TP, tl, forward, err);
+    if (forward) target_stats(pr, tl, target_sums);
+  }
+  bool skips_build(int u) const { return by_product(pr, ly, u) && pr.map_op[u] == OP_ADD; }  // (backward)
+
+  void costs(int u, int n, double fma_rate, double out[6]) {
+    const int C = ly.C;
+    const float* z = build_map(pr, ly, u, tl);
+    out[0] = pr.map_op[u] == OP_ORIG ? 0.0 : slots([&] { z = build_map(pr, ly, u, tl); }, n, C, fma_rate);
+    out[1] = slots([&] { activate_map(pr, ly, u, z, tl, true); }, n, C, fma_rate);
+    out[2] = slots([&] { accumulate_stats(pr, z, tl, lanes(u)); }, n, C, fma_rate);
+    out[3] = slots([&] { activate_map(pr, ly, u, z, tl, false); }, n, C, fma_rate);
+    out[4] = slots([&] { map_grad(pr, tl, grad(gce, u), grad(gi, u), grad(gz, u)); }, n, C, fma_rate);
+    out[5] = slots([&] { op_backward(pr, ly, u, tl, dparams()); }, n, C, fma_rate);
+  }
+  // The library's per-tile forward and backward (lomix_cpu.cpp), the tile's logits already in L1.
+  void forward_tile() {
+    load(true);
+    for (int u = 0; u < ly.M; ++u) {
+      const float* z = build_map(pr, ly, u, tl);
+      activate_map(pr, ly, u, z, tl, true);
+      accumulate_stats(pr, z, tl, lanes(u));
+    }
+  }
+  void backward_tile() {
+    load(false);
+    std::fill(tl.gx.begin(), tl.gx.end(), 0.0f);
+    for (int u = 0; u < ly.M; ++u) {
+      activate_map(pr, ly, u, skips_build(u) ? nullptr : build_map(pr, ly, u, tl), tl, false);
+      map_grad(pr, tl, grad(gce, u), grad(gi, u), grad(gz, u));
+      op_backward(pr, ly, u, tl, dparams());
+    }
+  }
+};
+
+void per_kind_table(int C, int n, double fma_rate) {
+  TileProblem tp(C, {{0, 1}}, {OP_ADD, OP_MULT, OP_CAT, OP_AWF});
+  TileBench tb(tp.pr);
+  std::printf("(1) one map per kind, k = 2\n");
+  std::printf("| map | build | activate (forward) | statistics | activate (backward) | dL/dz | adjoint | forward | backward |\n");
+  std::printf("|---|---|---|---|---|---|---|---|---|\n");
+  for (int u = L - 1; u < L + 4; ++u) {  // the last original map, then add, mult, cat, awf
+    double c[6];
+    tb.costs(u, n, fma_rate, c);
+    const double rebuild = tb.skips_build(u) ? 0.0 : c[0];  // the backward's recompute
+    std::printf("| %s | %.1f | %.1f | %.1f | %.1f | %.1f | %.1f | %.1f | %.1f |\n", KIND_NAMES[tp.op[u]], c[0], c[1],
+                c[2], c[3], c[4], c[5], c[0] + c[1] + c[2], rebuild + c[3] + c[4] + c[5]);
+  }
+  const double exps = slots([&] { tb.tl.ex_ready.assign(L, 0); stage_exp(tb.pr, tb.tl, 0); }, n, C, fma_rate);
+  std::printf("(one stage's exponentials, made once per tile and pass: %.1f)\n\n", exps);
+}
+
+void whole_tile_table(int C, int n, double fma_rate) {
+  std::vector<std::vector<int32_t>> subsets;  // every subset of the L stages with >= 2 members, by size
+  for (int k = 2; k <= L; ++k)
+    for (int mask = 1; mask < (1 << L); ++mask)
+      if (__builtin_popcount(mask) == k) {
+        subsets.emplace_back();
+        for (int j = 0; j < L; ++j)
+          if (mask >> j & 1) subsets.back().push_back(j);
+      }
+  TileProblem tp(C, subsets, {OP_ADD, OP_MULT, OP_CAT, OP_AWF});
+  TileBench tb(tp.pr);
+  const int M = tb.ly.M;
+  double fwd[5] = {0}, bwd[5] = {0};
+  int count[5] = {0};
+  for (int u = 0; u < M; ++u) {
+    double c[6];
+    tb.costs(u, n, fma_rate, c);
+    const int kind = tp.op[u];
+    ++count[kind];
+    fwd[kind] += c[0] + c[1] + c[2];
+    bwd[kind] += (tb.skips_build(u) ? 0.0 : c[0]) + c[3] + c[4] + c[5];
+  }
+  const double exps = slots([&] { tb.tl.ex_ready.assign(L, 0); stage_exp(tb.pr, tb.tl, 0); }, n, C, fma_rate);
+  const double load_f = slots([&] { tb.load(true); }, n, C, fma_rate);
+  const double load_b = slots([&] { tb.load(false); std::fill(tb.tl.gx.begin(), tb.tl.gx.end(), 0.0f); }, n, C, fma_rate);
+  const int nt = std::max(1, n / 30);
+  const double whole_f = slots([&] { tb.forward_tile(); }, nt, C, fma_rate);
+  const double whole_b = slots([&] { tb.backward_tile(); }, nt, C, fma_rate);
+  std::printf("(2) the whole tile, L = %d: %d maps (k = 2..%d)\n", L, M, L);
+  std::printf("| | maps | forward | backward |\n|---|---|---|---|\n");
+  double sum_f = load_f + L * exps, sum_b = load_b + L * exps;
+  for (int kind = 0; kind < 5; ++kind) {
+    std::printf("| %s | %d | %.0f | %.0f |\n", KIND_NAMES[kind], count[kind], fwd[kind], bwd[kind]);
+    sum_f += fwd[kind], sum_b += bwd[kind];
+  }
+  std::printf("| tile load (+ target sums; backward: + zeroed gradients) | | %.0f | %.0f |\n", load_f, load_b);
+  std::printf("| stage exponentials | %d | %.0f | %.0f |\n", L, L * exps, L * exps);
+  std::printf("| sum of the functions alone | | %.0f | %.0f |\n", sum_f, sum_b);
+  std::printf("| the tile run as the library runs it | | %.0f | %.0f |\n", whole_f, whole_b);
+  const double ns_per_px = (double)C / VW / fma_rate * 1e9;  // one slot per class vector, in ns per pixel
+  std::printf("(the whole tile in ns per pixel on one core: forward %.0f, backward %.0f)\n", whole_f * ns_per_px,
+              whole_b * ns_per_px);
+}
+
+}  // namespace
+
 int main(int argc, char** argv) {
-  const int C = argc > 1 ? std::atoi(argv[1]) : 9, L = 4, N = argc > 2 ? std::atoi(argv[2]) : 100000;
-  if (C < 2 || C > 16 || N < 1) {
+  const int C = argc > 1 ? std::atoi(argv[1]) : 9, n = argc > 2 ? std::atoi(argv[2]) : 100000;
+  if (C < 2 || C > 16 || n < 1) {
     std::fprintf(stderr, "usage: cpu_cycles [classes in 2..16] [calls per timing >= 1]\n");
     return 2;
   }
-  std::mt19937 rng(0);
-  std::normal_distribution<float> normal;
-  std::vector<std::vector<float>> logits(L, std::vector<float>((size_t)C * TP));
-  for (auto& v : logits)
-    for (auto& x : v) x = 2.0f * normal(rng);
-  std::vector<int64_t> target(TP);
-  for (auto& y : target) y = (int64_t)(rng() % C);
-  const void* lp[4] = {logits[0].data(), logits[1].data(), logits[2].data(), logits[3].data()};
-  int64_t sizes[12] = {1, 8, 8, 1, 8, 8, 1, 8, 8, 1, 8, 8};  // one 8x8 tile of TP = 64 pixels per stage
-  int32_t op[8] = {OP_ORIG, OP_ORIG, OP_ORIG, OP_ORIG, OP_ADD, OP_MULT, OP_CAT, OP_AWF};
-  int32_t arg[8] = {0, 1, 2, 3, 0, 0, 0, 0};
-  int32_t subset_size[1] = {2}, members[2] = {0, 1};
-  std::vector<float> cat_w((size_t)C * 2 * C), cat_b(C, 0.1f), awf_v(2 * 2 * C), awf_c(2, 0.0f);
-  for (auto& x : cat_w) x = 0.2f * normal(rng);
-  for (auto& x : awf_v) x = 0.2f * normal(rng);
-
-  Problem pr{};
-  pr.batch = 1; pr.classes = C; pr.pixels = TP; pr.num_stages = L; pr.num_maps = 8; pr.num_subsets = 1;
-  pr.logit_dtype = DT_F32; pr.target_kind = TK_I64; pr.q = 2; pr.num_labels = C; pr.num_threads = 1;
-  pr.awf_block_diagonal = 1; pr.spatial_rank = 2; pr.out_size[0] = 1; pr.out_size[1] = 8; pr.out_size[2] = 8;
-  pr.stage_size = sizes; pr.logits = lp; pr.target = target.data();
-  pr.map_op = op; pr.map_arg = arg; pr.subset_size = subset_size; pr.subset_members = members;
-  pr.cat_w = cat_w.data(); pr.cat_b = cat_b.data(); pr.awf_v = awf_v.data(); pr.awf_c = awf_c.data();
-
-  const Layout ly(pr);
-  const std::vector<Stage> stages = make_stages(pr);
-  Tile tl(L, C, ly.max_k);
-  ItemError err;
   const FlushDenormals ftz;
-  load_tile(pr, stages, 0, 0, TP, tl, true, err);
-  double target_sums[64] = {0};
-  target_stats(pr, tl, target_sums);
-  aligned_vector<float> lane_buf((size_t)3 * 8 * C * VW), param_buf((size_t)ly.num_params() * VW);
-  vf* lanes = (vf*)lane_buf.data();
-  vf* dparams = (vf*)param_buf.data();
-  std::vector<float> gce(C, 0.1f), gi(C, -0.2f), gz(C, 0.05f);
-
-  const double fma_rate = lomix_cpu_vector_fma_rate(500 * (int64_t)N);  // vector FMAs per second, this core
-  const double class_vectors = (double)C * TP / VW;
-  auto slots = [&](auto&& f) {  // best of 3 runs of N calls, in FMA slots per class vector
-    double best = 1e30;
-    for (int rep = 0; rep < 3; ++rep) {
-      const auto t0 = std::chrono::steady_clock::now();
-      for (int it = 0; it < N; ++it) {
-        f();
-        asm volatile("" ::: "memory");
-      }
-      best = std::min(best, std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count());
-    }
-    return best * fma_rate / N / class_vectors;
-  };
-
-  std::printf("C = %d, TP = %d, VW = %d: vector-FMA slots per class vector (%.2f G vector FMAs/s)\n", C, TP, VW,
+  const double fma_rate = lomix_cpu_vector_fma_rate(500 * (int64_t)n);  // vector FMAs per second, this core
+  std::printf("C = %d, TP = %d, VW = %d: vector-FMA slots per class vector (%.2f G vector FMAs/s)\n\n", C, TP, VW,
               fma_rate / 1e9);
-  std::printf("| map | build | activate (forward) | statistics | activate (backward) | dL/dz | adjoint | forward | backward |\n");
-  std::printf("|---|---|---|---|---|---|---|---|---|\n");
-  const char* names[5] = {"orig", "add", "mult", "cat", "awf"};
-  const int maps[5] = {0, 4, 5, 6, 7};
-  for (int m = 0; m < 5; ++m) {
-    const int u = maps[m];
-    const float* z = build_map(pr, ly, u, tl);
-    // stage exponentials are made once per tile for all original and add maps: not charged to one map
-    for (int j = 0; j < L; ++j) stage_exp(pr, tl, j);
-    const double build = op[u] == OP_ORIG ? 0.0 : slots([&] { z = build_map(pr, ly, u, tl); });
-    const double act_f = slots([&] { activate_map(pr, ly, u, z, tl, true); });
-    const double stats = slots([&] { accumulate_stats(pr, z, tl, lanes + (size_t)u * 3 * C); });
-    const double act_b = slots([&] { activate_map(pr, ly, u, z, tl, false); });
-    const double grad = slots([&] { map_grad(pr, tl, gce.data(), gi.data(), gz.data()); });
-    const double adj = slots([&] { op_backward(pr, ly, u, tl, dparams); });
-    const bool rebuild = !(by_product(pr, ly, u) && op[u] == OP_ADD);  // the backward's recompute
-    std::printf("| %s | %.1f | %.1f | %.1f | %.1f | %.1f | %.1f | %.1f | %.1f |\n", names[m], build, act_f, stats,
-                act_b, grad, adj, build + act_f + stats, (rebuild ? build : 0.0) + act_b + grad + adj);
-  }
-  double exps = slots([&] { tl.ex_ready.assign(L, 0); stage_exp(pr, tl, 0); });
-  std::printf("(one stage's exponentials, made once per tile and pass: %.1f)\n", exps);
+  per_kind_table(C, n, fma_rate);
+  whole_tile_table(C, n, fma_rate);
   return 0;
 }

@@ -1,5 +1,6 @@
-"""benchmarks/cpu_cycles.cpp (make cycles): the per-function cost table of the CPU kernels builds
-against csrc/ and prints a finite, positive cost for every function of every map kind."""
+"""benchmarks/cpu_cycles.cpp (make cycles): the cost tables of the CPU kernels build against csrc/ and
+print a finite, positive cost for every function of every map kind (table 1) and for every kind, the
+sum and the whole tile of the 48-map problem (table 2)."""
 import math
 import platform
 import subprocess
@@ -22,10 +23,21 @@ def test_cycle_table_builds_and_runs(tmp_path):
     subprocess.run(["g++", "-O3", "-std=c++17", "-fno-math-errno", "-fno-trapping-math", *_march(), "-fopenmp",
                     str(ROOT / "benchmarks" / "cpu_cycles.cpp"), "-o", str(exe)], check=True, capture_output=True)
     out = subprocess.run([str(exe), "5", "200"], check=True, capture_output=True, text=True).stdout
-    rows = {line.split("|")[1].strip(): line for line in out.splitlines() if line.startswith("| ") and "---" not in line}
-    assert set(rows) == {"map", *KINDS}, out
+    per_kind, whole = out.split("(2) the whole tile")
+
+    def rows(text):
+        return {line.split("|")[1].strip(): [v.strip() for v in line.strip().strip("|").split("|")[1:]]
+                for line in text.splitlines() if line.startswith("| ") and "---" not in line}
+
+    table = rows(per_kind)
+    assert set(table) == {"map", *KINDS}, out
     for kind in KINDS:
-        values = [float(v) for v in rows[kind].strip().strip("|").split("|")[1:]]
-        assert len(values) == 8 and all(math.isfinite(v) and v >= 0 for v in values), rows[kind]
+        values = [float(v) for v in table[kind]]
+        assert len(values) == 8 and all(math.isfinite(v) and v >= 0 for v in values), table[kind]
         assert values[6] > 0 and values[7] > 0  # forward and backward totals
+    table = rows(whole)
+    assert [int(table[kind][0]) for kind in KINDS] == [4, 11, 11, 11, 11], out  # maps of each kind at L = 4
+    for name in (*KINDS, "sum of the functions alone", "the tile run as the library runs it"):
+        forward, backward = (float(v) for v in table[name][-2:])
+        assert math.isfinite(forward) and math.isfinite(backward) and forward > 0 and backward > 0, table[name]
     assert subprocess.run([str(exe), "17"], capture_output=True).returncode == 2  # classes out of range
