@@ -174,14 +174,9 @@ void op_backward(const Problem& pr, const Layout& ly, int u, Tile& tl, vf* dpara
       const float* W = pr.cat_w + ly.cat_w_off[arg];
       vf* dW = dparams + ly.cat_w_off[arg];
       vf* db = dparams + ly.cat_w_n + ly.cat_b_off[arg];
-      int c = 0;
-      for (; c + DW_BLOCK <= C; c += DW_BLOCK) cat_weight_grad_rows<DW_BLOCK>(g, c, k, C, mem, dW, db, tl);
-      for (; c < C; ++c) cat_weight_grad_rows<1>(g, c, k, C, mem, dW, db, tl);
-      for (int j = 0; j < k; ++j) {
-        int c2 = 0;
-        for (; c2 + CAT_BLOCK <= C; c2 += CAT_BLOCK) cat_adjoint_rows<CAT_BLOCK>(W, K, j, c2, C, mem, g, tl);
-        for (; c2 < C; ++c2) cat_adjoint_rows<1>(W, K, j, c2, C, mem, g, tl);
-      }
+      for_row_blocks<DW_BLOCK>(C, [&](auto nb, int c) { cat_weight_grad_rows<nb()>(g, c, k, C, mem, dW, db, tl); });
+      for (int j = 0; j < k; ++j)
+        for_row_blocks<CAT_BLOCK>(C, [&](auto nb, int c2) { cat_adjoint_rows<nb()>(W, K, j, c2, C, mem, g, tl); });
       break;
     }
     case OP_AWF: {

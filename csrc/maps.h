@@ -30,8 +30,14 @@ const float* build_map(const Problem& pr, const Layout& ly, int u, Tile& tl) {
   switch (op) {
     case OP_ADD:
     case OP_MULT: {
-      std::memcpy(z, tl.xs(mem[0], 0), sizeof(float) * C * TP);
-      for (int j = 1; j < k; ++j) {
+      const float* __restrict x0 = tl.xs(mem[0], 0);  // the first two members in one pass (no copy)
+      const float* __restrict x1 = tl.xs(mem[1], 0);
+      if (op == OP_ADD) {
+        for (int e = 0; e < C * TP; ++e) z[e] = x0[e] + x1[e];
+      } else {
+        for (int e = 0; e < C * TP; ++e) z[e] = x0[e] * x1[e];
+      }
+      for (int j = 2; j < k; ++j) {
         const float* __restrict xj = tl.xs(mem[j], 0);
         if (op == OP_ADD) {
           for (int e = 0; e < C * TP; ++e) z[e] += xj[e];
@@ -44,9 +50,7 @@ const float* build_map(const Problem& pr, const Layout& ly, int u, Tile& tl) {
     case OP_CAT: {
       const float* W = pr.cat_w + ly.cat_w_off[arg];
       const float* bias = pr.cat_b + ly.cat_b_off[arg];
-      int c = 0;
-      for (; c + CAT_BLOCK <= C; c += CAT_BLOCK) cat_rows<CAT_BLOCK>(W, bias, c, k, C, mem, tl, z);
-      for (; c < C; ++c) cat_rows<1>(W, bias, c, k, C, mem, tl, z);
+      for_row_blocks<CAT_BLOCK>(C, [&](auto nb, int c) { cat_rows<nb()>(W, bias, c, k, C, mem, tl, z); });
       break;
     }
     case OP_AWF: {

@@ -4,6 +4,8 @@
 
 #include "common.h"
 
+#include <type_traits>
+
 #if defined(__SSE2__)
 #include <immintrin.h>
 #endif
@@ -127,6 +129,29 @@ constexpr int CAT_BLOCK = NV <= 4 ? 4 : 2;
 // g rows held together in the cat weight gradient (adjoint.h): 4 with AVX-512 (16 registers), else 1
 // (two AVX2 rows would take all 16 of its registers).
 constexpr int DW_BLOCK = NV <= 4 ? 4 : 1;
+
+// Calls f(std::integral_constant<int, NB>{}, c0) over blocks of NB = B consecutive rows that cover
+// rows 0..C−1, the last block taking the remainder. With B = 4 (AVX-512) a remainder of one row joins
+// the last full block (5 rows: 20 of the 32 registers): a 1-row block runs 4 dependent chains, too few
+// to fill the FMA pipes (C = 9: 4 + 5 instead of 4 + 4 + 1); 2 or 3 left rows form their own block.
+template <int B, class F>
+inline void for_row_blocks(int C, F&& f) {
+  int c = 0;
+  if constexpr (B == 4) {
+    for (; c + 4 <= C; c += 4) {
+      if (C - c == 5) {
+        f(std::integral_constant<int, 5>{}, c);
+        return;
+      }
+      f(std::integral_constant<int, 4>{}, c);
+    }
+    if (C - c == 3) return f(std::integral_constant<int, 3>{}, c);
+    if (C - c == 2) return f(std::integral_constant<int, 2>{}, c);
+  } else {
+    for (; c + B <= C; c += B) f(std::integral_constant<int, B>{}, c);
+  }
+  for (; c < C; ++c) f(std::integral_constant<int, 1>{}, c);
+}
 template <int NB>
 inline void rows_fma(Row (&acc)[NB], const float* w, int64_t w_stride, const float* x) {  // acc[b] += w[b·stride]·x
   const Row xr = row_load(x);
