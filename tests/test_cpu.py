@@ -89,6 +89,14 @@ def test_every_op_subset(ops):
     compare_to_reference(crit, logits, target)
 
 
+@pytest.mark.parametrize("C", range(2, 17))
+def test_cat_row_blocks_every_class_count(C):
+    """The cat loops split the C rows into register blocks (simd.h for_row_blocks: 4-row blocks, a
+    1-row remainder joined to the last one, 2 or 3 rows on their own): every split, C = 2..16."""
+    crit, logits, target = random_case("cpu", 3, C, 1, (9, 7), native=False, ops=("cat",), seed=C)
+    compare_to_reference(crit, logits, target)
+
+
 @pytest.mark.parametrize("scheme", ["last_layer", "deep_supervision", "mutation", "lomix"])
 def test_schemes(scheme):
     crit, logits, target = random_case("cpu", 4, 4, 2, (12, 13), native=True, scheme=scheme)
