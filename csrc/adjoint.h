@@ -185,19 +185,13 @@ void op_backward(const Problem& pr, const Layout& ly, int u, Tile& tl, vf* dpara
       vf* dc = dparams + ly.cat_w_n + ly.cat_b_n + ly.awf_v_n + ly.awf_c_off[arg];
       const float* __restrict al = tl.alpha.data();
       float* __restrict da = tl.dalpha.data();
-      for (int j = 0; j < k; ++j)  // dz_{s_j} += α_j g ; dα_j = <g, z_{s_j}> (in registers, PIXEL_GROUP vectors side by side)
+      for (int j = 0; j < k; ++j)  // dα_j = <g, z_{s_j}> over classes (in registers, PIXEL_GROUP vectors side by side)
         for (int i0 = 0; i0 < NV; i0 += PIXEL_GROUP) {
-          vf ar[PIXEL_GROUP], d[PIXEL_GROUP];
-          for (int i = 0; i < PIXEL_GROUP; ++i) {
-            ar[i] = *(const vf*)(al + (size_t)j * TP + VW * (i0 + i));
-            d[i] = vf{};
-          }
+          vf d[PIXEL_GROUP] = {};
           for (int c = 0; c < C; ++c)
             for (int i = 0; i < PIXEL_GROUP; ++i) {
               const size_t o = (size_t)VW * (i0 + i);
-              const vf gr = *(const vf*)(g + (size_t)c * TP + o);
-              *(vf*)(tl.gxs(mem[j], c) + o) += ar[i] * gr;
-              d[i] += gr * *(const vf*)(tl.xs(mem[j], c) + o);
+              d[i] += *(const vf*)(g + (size_t)c * TP + o) * *(const vf*)(tl.xs(mem[j], c) + o);
             }
           for (int i = 0; i < PIXEL_GROUP; ++i) *(vf*)(da + (size_t)j * TP + VW * (i0 + i)) = d[i];
         }
@@ -216,16 +210,19 @@ void op_backward(const Problem& pr, const Layout& ly, int u, Tile& tl, vf* dpara
           for (int c2 = 0; c2 < C; ++c2) dVrj[c2] = row_dot(darow, tl.xs(mem[j], c2), dVrj[c2]);
         }
       }
-      for (int j = 0; j < k; ++j)
+      for (int j = 0; j < k; ++j) {  // dz_{s_j, c2} += α_j g_c2 + Σ_r V[r, j·C + c2] da_r: one pass over gx
+        const Row aj = row_load(al + (size_t)j * TP);
         for (int c2 = 0; c2 < C; ++c2) {
           float* gx = tl.gxs(mem[j], c2);
           Row acc = row_load(gx);
+          for (int i = 0; i < NV; ++i) acc.v[i] += aj.v[i] * *(const vf*)(g + (size_t)c2 * TP + VW * i);
           for (int r = 0; r < k; ++r) {
             if (pr.awf_block_diagonal && j != r) continue;
             row_fma(acc, V[(size_t)r * K + j * C + c2], da + (size_t)r * TP);
           }
           row_store(gx, acc);
         }
+      }
       break;
     }
   }
