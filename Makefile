@@ -66,7 +66,7 @@ device-pkgs:  ## pytest into .device-pkgs (pure python), for a GPU machine whose
 
 CXX ?= g++
 CYCLES_MARCH ?= x86-64-v4
-cycles:  ## cost of each per-tile CPU kernel function with the tile in L1, in vector-FMA slots (benchmarks/cpu_cycles.cpp)
+cycles:  ## cost of each per-tile CPU kernel function and of the whole tile, in L1, in vector-FMA slots (benchmarks/cpu_cycles.cpp)
 	mkdir -p build
 	$(CXX) -O3 -std=c++17 -fno-math-errno -fno-trapping-math -march=$(CYCLES_MARCH) -fopenmp benchmarks/cpu_cycles.cpp -o build/cpu_cycles
 	build/cpu_cycles
