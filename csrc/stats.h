@@ -177,7 +177,7 @@ void accumulate_stats(const Problem& pr, const float* __restrict z, Tile& tl, vf
   }
   for (int c = 0; c < C; ++c) {  // softmax: the three sums in registers over the tile's NV vectors
     const size_t o = (size_t)c * TP;
-    vf ce{}, in{}, zs{};
+    vf ce = lanes[c], in = lanes[C + c], zs = lanes[2 * C + c];  // each sum goes on from its partial
     for (int i = 0; i < NV; ++i) {
       const vf sv = *(const vf*)(s + o + VW * i) * *(const vf*)(tl.inv + VW * i);
       const vf wsv = *(const vf*)(w + VW * i) * sv;
@@ -185,9 +185,9 @@ void accumulate_stats(const Problem& pr, const float* __restrict z, Tile& tl, vf
       in += wsv * *(const vf*)(&tl.t[o + VW * i]);
       zs += pr.q == 2 ? wsv * sv : wsv;
     }
-    lanes[c] += ce;
-    lanes[C + c] += in;
-    lanes[2 * C + c] += zs;
+    lanes[c] = ce;
+    lanes[C + c] = in;
+    lanes[2 * C + c] = zs;
   }
 }
 
