@@ -24,7 +24,7 @@ void softmax_map_grad(const Problem& pr, Tile& tl, const float* __restrict gce, 
   const float* __restrict inv = tl.inv;
   float* __restrict g = tl.g.data();
   struct Factors { vf gi, gz, gce; };  // gz: q·gz_c when Q2
-  auto factors = [&](int c) { return Factors{vf{} + gi[c], vf{} + (Q2 ? 2.0f * gz[c] : gz[c]), vf{} + gce[c]}; };
+  auto factors = [&](int c) { return Factors{splat(gi[c]), splat(Q2 ? 2.0f * gz[c] : gz[c]), splat(gce[c])}; };
   for (int i0 = 0; i0 < NV; i0 += PIXEL_GROUP) {
     vf iv[PIXEL_GROUP], ty[PIXEL_GROUP], zq[PIXEL_GROUP];  // A = Σ t·y − Σ q·gz·s^q
     for (int i = 0; i < PIXEL_GROUP; ++i) {

@@ -77,7 +77,11 @@ constexpr int NV = TP / VW;
 static_assert(TP % VW == 0, "TP must be a multiple of the vector width");
 struct Row { vf v[NV]; };
 inline vf vmax(vf a, vf b) { return a > b ? a : b; }  // (one vmaxps)
-inline Row row_splat(float a) { Row r; for (int i = 0; i < NV; ++i) r.v[i] = vf{} + a; return r; }
+// a in every lane: one vbroadcastss (from memory where a is loaded). Not `vf{} + a`: gcc must keep that
+// addition (+0 + −0 is +0): a scalar add, then a register broadcast on the shuffle port. a − 0 is a for
+// every a, so the subtraction folds away.
+inline vf splat(float a) { return a - vf{}; }
+inline Row row_splat(float a) { Row r; for (int i = 0; i < NV; ++i) r.v[i] = splat(a); return r; }
 inline Row row_load(const float* p) { Row r; for (int i = 0; i < NV; ++i) r.v[i] = *(const vf*)(p + VW * i); return r; }
 inline void row_store(float* p, const Row& r) { for (int i = 0; i < NV; ++i) *(vf*)(p + VW * i) = r.v[i]; }
 inline void row_fma(Row& acc, float w, const float* x) {  // acc += w * x
