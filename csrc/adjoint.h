@@ -16,15 +16,15 @@ namespace {
 // function's cycles); each class's factors are broadcast once for the group (Q2: q = 2).
 template <bool Q2>
 void softmax_map_grad(const Problem& pr, Tile& tl, const float* __restrict gce, const float* __restrict gi,
-                      const float* __restrict gz) {
+                      const float* __restrict qgz) {
   const int C = (int)pr.classes;
   const float* __restrict s = tl.probs;
   const float* __restrict t = tl.t.data();
   const float* __restrict w = tl.w;
   const float* __restrict inv = tl.inv;
   float* __restrict g = tl.g.data();
-  struct Factors { vf gi, gz, gce; };  // gz: q·gz_c when Q2
-  auto factors = [&](int c) { return Factors{splat(gi[c]), splat(Q2 ? 2.0f * gz[c] : gz[c]), splat(gce[c])}; };
+  struct Factors { vf gi, gz, gce; };  // gz: q·gz_c (map_grad)
+  auto factors = [&](int c) { return Factors{splat(gi[c]), splat(qgz[c]), splat(gce[c])}; };
   for (int i0 = 0; i0 < NV; i0 += PIXEL_GROUP) {
     vf iv[PIXEL_GROUP], ty[PIXEL_GROUP], zq[PIXEL_GROUP];  // A = Σ t·y − Σ q·gz·s^q
     for (int i = 0; i < PIXEL_GROUP; ++i) {
@@ -55,13 +55,14 @@ void softmax_map_grad(const Problem& pr, Tile& tl, const float* __restrict gce, 
   }
 }
 
-// dL/dz_u (C×TP) into tl.g from the statistic gradients of map u, sample b (C each).
-void map_grad(const Problem& pr, Tile& tl, const float* gce, const float* gi, const float* gz) {
+// dL/dz_u (C×TP) into tl.g from the statistic gradients of map u, sample b (C each): gce, gi and
+// qgz = q·∂L/∂zsum (scaled once per backward call, so that each class's factor is a broadcast from memory).
+void map_grad(const Problem& pr, Tile& tl, const float* gce, const float* gi, const float* qgz) {
   if (!pr.sigmoid) {
     if (pr.q == 2)
-      softmax_map_grad<true>(pr, tl, gce, gi, gz);
+      softmax_map_grad<true>(pr, tl, gce, gi, qgz);
     else
-      softmax_map_grad<false>(pr, tl, gce, gi, gz);
+      softmax_map_grad<false>(pr, tl, gce, gi, qgz);
     return;
   }
   const int C = (int)pr.classes;
@@ -69,14 +70,13 @@ void map_grad(const Problem& pr, Tile& tl, const float* gce, const float* gi, co
   const float* __restrict t = tl.t.data();
   float* __restrict g = tl.g.data();
   const float* __restrict w = tl.w;
-  const float qf = (float)pr.q;
   for (int c = 0; c < C; ++c) {  // sigmoid
     const float* __restrict sr = s + (size_t)c * TP;
     const float* __restrict tr = t + (size_t)c * TP;
     float* __restrict gr = g + (size_t)c * TP;
-    const float gic = gi[c], gzc = gz[c], gcec = gce[c];
+    const float gic = gi[c], gzc = qgz[c], gcec = gce[c];
     for (int p = 0; p < TP; ++p) {
-      const float gs = gic * tr[p] + gzc * (pr.q == 2 ? qf * sr[p] : 1.0f);
+      const float gs = gic * tr[p] + gzc * (pr.q == 2 ? sr[p] : 1.0f);
       gr[p] = w[p] * (gs * sr[p] * (1.0f - sr[p]) + gcec * (sr[p] - tr[p]));
     }
   }

@@ -142,6 +142,8 @@ int lomix_cpu_backward(const Problem* prp, const float* gce, const float* ginter
   const int64_t nP = ly.num_params();
   std::vector<double> part((size_t)nI * nP, 0.0);
   std::vector<ItemError> errs(nI);
+  std::vector<float> qgz(gzsum, gzsum + (size_t)M * B * C);  // q·∂L/∂zsum, as map_grad takes it
+  for (float& v : qgz) v *= (float)pr.q;
   for (int i = 0; i < L; ++i)
     advise_huge_pages(grad_logits[i], (size_t)(B * C * stages[i].pixels) * (pr.logit_dtype == DT_F32 ? 4 : 2));
   // Resampled stages: each item scatters the interpolation adjoint into a private double buffer
@@ -174,7 +176,7 @@ int lomix_cpu_backward(const Problem* prp, const float* gce, const float* ginter
           // an add map's softmax from its members' exponentials needs no logits (built only for a fallback)
           const bool skip_logits = by_product(pr, ly, u) && pr.map_op[u] == OP_ADD;
           activate_map(pr, ly, u, skip_logits ? nullptr : build_map(pr, ly, u, tl), tl, false);
-          map_grad(pr, tl, gce + o, ginter + o, gzsum + o);
+          map_grad(pr, tl, gce + o, ginter + o, qgz.data() + o);
           op_backward(pr, ly, u, tl, dp);
         }
         for (int i = 0; i < L; ++i) {
