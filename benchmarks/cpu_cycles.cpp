@@ -113,7 +113,6 @@ struct TileBench {
     load_tile(pr, stages, 0, 0, TP, tl, forward, err);
     if (forward) target_stats(pr, tl, target_sums);
   }
-  bool skips_build(int u) const { return by_product(pr, ly, u) && pr.map_op[u] == OP_ADD; }  // (backward)
 
   void costs(int u, int n, double fma_rate, double out[6]) {
     const int C = ly.C;
@@ -128,20 +127,11 @@ struct TileBench {
   // The library's per-tile forward and backward (lomix_cpu.cpp), the tile's logits already in L1.
   void forward_tile() {
     load(true);
-    for (int u = 0; u < ly.M; ++u) {
-      const float* z = build_map(pr, ly, u, tl);
-      activate_map(pr, ly, u, z, tl, true);
-      accumulate_stats(pr, z, tl, lanes(u));
-    }
+    forward_maps(pr, ly, tl, lanes(0));
   }
   void backward_tile() {
     load(false);
-    std::fill(tl.gx.begin(), tl.gx.end(), 0.0f);
-    for (int u = 0; u < ly.M; ++u) {
-      activate_map(pr, ly, u, skips_build(u) ? nullptr : build_map(pr, ly, u, tl), tl, false);
-      map_grad(pr, tl, grad(gce, u), grad(gi, u), grad(gz, u));
-      op_backward(pr, ly, u, tl, dparams());
-    }
+    backward_maps(pr, ly, tl, gce.data(), gi.data(), gz.data(), 1, 0, dparams());
   }
 };
 
@@ -154,7 +144,7 @@ void per_kind_table(int C, int n, double fma_rate) {
   for (int u = L - 1; u < L + 4; ++u) {  // the last original map, then add, mult, cat, awf
     double c[6];
     tb.costs(u, n, fma_rate, c);
-    const double rebuild = tb.skips_build(u) ? 0.0 : c[0];  // the backward's recompute
+    const double rebuild = backward_builds_logits(tp.pr, tb.ly, u) ? c[0] : 0.0;  // the backward's recompute
     std::printf("| %s | %.1f | %.1f | %.1f | %.1f | %.1f | %.1f | %.1f | %.1f |\n", KIND_NAMES[tp.op[u]], c[0], c[1],
                 c[2], c[3], c[4], c[5], c[0] + c[1] + c[2], rebuild + c[3] + c[4] + c[5]);
   }
@@ -182,7 +172,7 @@ void whole_tile_table(int C, int n, double fma_rate) {
     const int kind = tp.op[u];
     ++count[kind];
     fwd[kind] += c[0] + c[1] + c[2];
-    bwd[kind] += (tb.skips_build(u) ? 0.0 : c[0]) + c[3] + c[4] + c[5];
+    bwd[kind] += (backward_builds_logits(tp.pr, tb.ly, u) ? c[0] : 0.0) + c[3] + c[4] + c[5];
   }
   const double exps = slots([&] { tb.tl.ex_ready.assign(L, 0); stage_exp(tb.pr, tb.tl, 0); }, n, C, fma_rate);
   const double load_f = slots([&] { tb.load(true); }, n, C, fma_rate);

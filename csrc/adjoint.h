@@ -2,7 +2,7 @@
 // the map's operator into stage gradients and parameter partials.
 #pragma once
 
-#include "layout.h"
+#include "stats.h"
 
 namespace {
 
@@ -228,4 +228,18 @@ void op_backward(const Problem& pr, const Layout& ly, int u, Tile& tl, vf* dpara
   }
 }
 
+
+// The backward's work on a loaded tile (load_tile): the stage gradients tl.gx zeroed, then every map's
+// softmax recomputed, its dL/dz from the statistic gradients of sample b of B (gce, gi, qgz: (M, B, C);
+// map_grad) and pushed through its operator into tl.gx and the parameter partials (op_backward).
+inline void backward_maps(const Problem& pr, const Layout& ly, Tile& tl, const float* gce, const float* gi,
+                          const float* qgz, int64_t B, int64_t b, vf* dparams) {
+  std::fill(tl.gx.begin(), tl.gx.end(), 0.0f);
+  for (int u = 0; u < ly.M; ++u) {
+    const size_t o = ((size_t)u * B + b) * ly.C;
+    activate_map(pr, ly, u, backward_builds_logits(pr, ly, u) ? build_map(pr, ly, u, tl) : nullptr, tl, false);
+    map_grad(pr, tl, gce + o, gi + o, qgz + o);
+    op_backward(pr, ly, u, tl, dparams);
+  }
+}
 }  // namespace

@@ -90,11 +90,7 @@ int lomix_cpu_forward(const Problem* prp, float* ce, float* inter, float* zsum, 
         load_tile(pr, stages, item.b, p0, n, tl, true, errs[it]);
         if (errs[it].code != ERR_NONE) break;
         target_stats(pr, tl, acc + map_block);
-        for (int u = 0; u < M; ++u) {
-          const float* z = build_map(pr, ly, u, tl);
-          activate_map(pr, ly, u, z, tl, true);
-          accumulate_stats(pr, z, tl, &lanes[(size_t)u * 3 * C]);
-        }
+        forward_maps(pr, ly, tl, lanes);
       }
       flush();
     }
@@ -170,15 +166,7 @@ int lomix_cpu_backward(const Problem* prp, const float* gce, const float* ginter
         const int n = (int)std::min<int64_t>(TP, item.p1 - p0);
         if (++tiles % FLUSH_TILES == 0) flush();
         load_tile(pr, stages, item.b, p0, n, tl, false, errs[it]);
-        std::fill(tl.gx.begin(), tl.gx.end(), 0.0f);
-        for (int u = 0; u < M; ++u) {
-          const size_t o = ((size_t)u * B + item.b) * C;
-          // an add map's softmax from its members' exponentials needs no logits (built only for a fallback)
-          const bool skip_logits = by_product(pr, ly, u) && pr.map_op[u] == OP_ADD;
-          activate_map(pr, ly, u, skip_logits ? nullptr : build_map(pr, ly, u, tl), tl, false);
-          map_grad(pr, tl, gce + o, ginter + o, qgz.data() + o);
-          op_backward(pr, ly, u, tl, dp);
-        }
+        backward_maps(pr, ly, tl, gce, ginter, qgz.data(), B, item.b, dp);
         for (int i = 0; i < L; ++i) {
           const Stage& S = stages[i];
           if (!S.resampled) continue;

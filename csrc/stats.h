@@ -93,6 +93,12 @@ inline bool by_product(const Problem& pr, const Layout& ly, int u) {
   return ly.add_by_product && (pr.map_op[u] == OP_ORIG || pr.map_op[u] == OP_ADD);
 }
 
+// Whether the backward builds map u's logits: every map but an add map whose softmax is made from its
+// members' exponentials (by_product), which needs none (activate_map builds them only for a fallback).
+inline bool backward_builds_logits(const Problem& pr, const Layout& ly, int u) {
+  return !(by_product(pr, ly, u) && pr.map_op[u] == OP_ADD);
+}
+
 // Activation of map u (logits z, from build_map) into tl.s / tl.lse / tl.inv, as activate() does;
 // with Layout::add_by_product, an original map's exponentials are its stage's (stage_exp) and an
 // add map's are the products of its members': exp(Σ_j x_j − Σ_j m_j) = Π_j exp(x_j − m_j), no
@@ -188,6 +194,16 @@ void accumulate_stats(const Problem& pr, const float* __restrict z, Tile& tl, vf
     lanes[c] = ce;
     lanes[C + c] = in;
     lanes[2 * C + c] = zs;
+  }
+}
+
+// The forward's work on a loaded tile (load_tile, target_stats): every map built, activated and its sums
+// accumulated into its VW-lane partials (3C per map, map u's at lanes + u·3C; accumulate_stats).
+inline void forward_maps(const Problem& pr, const Layout& ly, Tile& tl, vf* lanes) {
+  for (int u = 0; u < ly.M; ++u) {
+    const float* z = build_map(pr, ly, u, tl);
+    activate_map(pr, ly, u, z, tl, true);
+    accumulate_stats(pr, z, tl, lanes + (size_t)u * 3 * ly.C);
   }
 }
 
