@@ -13,8 +13,9 @@ namespace {
 // before). One pass over the classes for the two sums of A (in registers), one that recomputes s_c and
 // y_c and writes g (no stored intermediates). PIXEL_GROUP pixel vectors go through each class together:
 // that many independent chains for the sums, not one per vector (benchmarks/cpu_cycles.cpp: 0.87 of this
-// function's cycles); each class's factors are broadcast once for the group (Q2: q = 2).
-template <bool Q2>
+// function's cycles); each class's factors are broadcast once for the group (Q2: q = 2; UNIT_W: every
+// w is 1, Tile::unit_weights, and g skips its multiplication by w).
+template <bool Q2, bool UNIT_W>
 void softmax_map_grad(const Problem& pr, Tile& tl, const float* __restrict gce, const float* __restrict gi,
                       const float* __restrict qgz) {
   const int C = (int)pr.classes;
@@ -49,7 +50,8 @@ void softmax_map_grad(const Problem& pr, Tile& tl, const float* __restrict gce, 
         const vf sv = *(const vf*)(s + o) * iv[i];
         const vf y = f.gce - f.gi * sv;
         const vf x = Q2 ? f.gz * sv + A[i] : f.gz + A[i];
-        *(vf*)(g + o) = *(const vf*)(w + VW * (i0 + i)) * (sv * x - *(const vf*)(t + o) * y);
+        const vf gv = sv * x - *(const vf*)(t + o) * y;
+        *(vf*)(g + o) = UNIT_W ? gv : *(const vf*)(w + VW * (i0 + i)) * gv;
       }
     }
   }
@@ -59,10 +61,15 @@ void softmax_map_grad(const Problem& pr, Tile& tl, const float* __restrict gce, 
 // qgz = q·∂L/∂zsum (scaled once per backward call, so that each class's factor is a broadcast from memory).
 void map_grad(const Problem& pr, Tile& tl, const float* gce, const float* gi, const float* qgz) {
   if (!pr.sigmoid) {
-    if (pr.q == 2)
-      softmax_map_grad<true>(pr, tl, gce, gi, qgz);
+    const bool q2 = pr.q == 2, unit = tl.unit_weights;  // (unit weights: no multiplication by w, exact)
+    if (q2 && unit)
+      softmax_map_grad<true, true>(pr, tl, gce, gi, qgz);
+    else if (q2)
+      softmax_map_grad<true, false>(pr, tl, gce, gi, qgz);
+    else if (unit)
+      softmax_map_grad<false, true>(pr, tl, gce, gi, qgz);
     else
-      softmax_map_grad<false>(pr, tl, gce, gi, qgz);
+      softmax_map_grad<false, false>(pr, tl, gce, gi, qgz);
     return;
   }
   const int C = (int)pr.classes;

@@ -260,6 +260,9 @@ void load_tile(const Problem& pr, const std::vector<Stage>& stages, int64_t b, i
     }
     if (check && bad && err.code == ERR_NONE) err.code = ERR_WEIGHT;
   }
+  int ones = 1;
+  for (int p = 0; p < TP; ++p) ones &= tl.w[p] == 1.0f;
+  tl.unit_weights = ones;
 }
 
 // Write the tile's gradient rows (tl.gx, n of TP pixels valid) of the stages at output resolution into

@@ -73,6 +73,8 @@ struct Tile {
   std::vector<char> ex_ready;      // ... computed yet for this tile (load_tile resets it)
   const float* probs = nullptr;    // the current map's activation: tl.s, or (an original map) its stage's ex
   alignas(ALIGN) float w[TP];
+  bool unit_weights = false;       // every w is 1 (a full tile, nothing ignored, no pixel weights): the
+                                   // statistics and dL/dz skip their multiplications by w (w·a = a exactly)
   alignas(ALIGN) float lse[TP];
   alignas(ALIGN) float inv[TP];   // softmax: probs holds exp(z - max); inv = 1 / Σ_c
   Tile(int L_, int C_, int max_k) : L(L_), C(C_), x((size_t)L_ * C_ * TP), t((size_t)C_ * TP), tw((size_t)C_ * TP),

@@ -157,6 +157,29 @@ inline void fold_row(vf& acc, const float* r) {
   for (int i = 0; i < NV; ++i) acc += *(const vf*)(r + VW * i);
 }
 
+// accumulate_stats of a softmax map: the three sums in registers over the tile's NV vectors, each going
+// on from its partial. UNIT_W: every w is 1 (Tile::unit_weights), w·s is s (one operation fewer of 6).
+template <bool UNIT_W>
+void softmax_stats(const Problem& pr, const float* __restrict z, Tile& tl, vf* __restrict lanes) {
+  const int C = (int)pr.classes;
+  const float* __restrict s = tl.probs;
+  const float* __restrict w = tl.w;
+  for (int c = 0; c < C; ++c) {
+    const size_t o = (size_t)c * TP;
+    vf ce = lanes[c], in = lanes[C + c], zs = lanes[2 * C + c];
+    for (int i = 0; i < NV; ++i) {
+      const vf sv = *(const vf*)(s + o + VW * i) * *(const vf*)(tl.inv + VW * i);
+      const vf wsv = UNIT_W ? sv : *(const vf*)(w + VW * i) * sv;
+      ce += *(const vf*)(&tl.tw[o + VW * i]) * (*(const vf*)(tl.lse + VW * i) - *(const vf*)(z + o + VW * i));
+      in += wsv * *(const vf*)(&tl.t[o + VW * i]);
+      zs += pr.q == 2 ? wsv * sv : wsv;
+    }
+    lanes[c] = ce;
+    lanes[C + c] = in;
+    lanes[2 * C + c] = zs;
+  }
+}
+
 // Accumulate the sums of one map (z, tl.s) into VW-lane partials: lanes[c] (ce), lanes[C + c]
 // (inter), lanes[2C + c] (zsum). The caller folds them into double every FLUSH_TILES tiles.
 void accumulate_stats(const Problem& pr, const float* __restrict z, Tile& tl, vf* __restrict lanes) {
@@ -181,20 +204,10 @@ void accumulate_stats(const Problem& pr, const float* __restrict z, Tile& tl, vf
     }
     return;
   }
-  for (int c = 0; c < C; ++c) {  // softmax: the three sums in registers over the tile's NV vectors
-    const size_t o = (size_t)c * TP;
-    vf ce = lanes[c], in = lanes[C + c], zs = lanes[2 * C + c];  // each sum goes on from its partial
-    for (int i = 0; i < NV; ++i) {
-      const vf sv = *(const vf*)(s + o + VW * i) * *(const vf*)(tl.inv + VW * i);
-      const vf wsv = *(const vf*)(w + VW * i) * sv;
-      ce += *(const vf*)(&tl.tw[o + VW * i]) * (*(const vf*)(tl.lse + VW * i) - *(const vf*)(z + o + VW * i));
-      in += wsv * *(const vf*)(&tl.t[o + VW * i]);
-      zs += pr.q == 2 ? wsv * sv : wsv;
-    }
-    lanes[c] = ce;
-    lanes[C + c] = in;
-    lanes[2 * C + c] = zs;
-  }
+  if (tl.unit_weights)
+    softmax_stats<true>(pr, z, tl, lanes);
+  else
+    softmax_stats<false>(pr, z, tl, lanes);
 }
 
 // The forward's work on a loaded tile (load_tile, target_stats): every map built, activated and its sums

@@ -229,6 +229,24 @@ def test_large_image_multiple_items():
     compare_to_reference(crit, logits, target)
 
 
+@pytest.mark.parametrize("case", ["one_ignored_pixel", "sparse_pixel_weights", "dense_pixel_weights"])
+def test_tiles_with_and_without_unit_weights(case):
+    """Tiles whose pixel weights are all 1 skip the statistics' and dL/dz's multiplications by w
+    (Tile::unit_weights); a tile with a single ignored or reweighted pixel must not."""
+    B, sp = 2, (32, 130)  # one 130-pixel row per work item: two full 64-pixel tiles, a ragged third
+    crit, logits, target = random_case("cpu", 3, 5, B, sp, ignore_index=255 if case == "one_ignored_pixel" else None)
+    pw = None
+    if case == "one_ignored_pixel":
+        target = make_target(5, B, sp, seed=3)
+        target[1, 20, 7] = 255
+    elif case == "sparse_pixel_weights":
+        pw = torch.ones(B, *sp)
+        pw[0, 3, 5], pw[1, 30, 100], pw[1, 0, 0] = 3.0, 0.0, 0.25  # each in a full tile
+    else:
+        pw = torch.rand(B, *sp, generator=torch.Generator().manual_seed(4)) * 2
+    compare_to_reference(crit, logits, target, pixel_weight=pw)
+
+
 @pytest.mark.parametrize("target_sp,head_sps", [
     ((23, 19), [(5, 4), (11, 9), (12, 19), (23, 19)]),                # odd, non-integer ratios
     ((224, 96), [(7, 3), (14, 6), (28, 12), (56, 24)]),               # 1/32 .. 1/4, EMCAD-like
