@@ -136,7 +136,7 @@ void activate_map(const Problem& pr, const Layout& ly, int u, const float* z, Ti
 // The forward's per-tile target statistics, added into tg: Σω·t (C), Σω·t^q (C) and Σω; and tl.tw = ω·t,
 // the weights of every map's CE sum (accumulate_stats). The sums in VW-lane vectors, folded VW classes
 // at a time (a float sum over the tile's pixels one by one is a chain of TP dependent additions per
-// class: make cycles' tile load 126 -> ~30 slots). Hard labels and unit weights give integer sums:
+// class: the forward's tile load in make cycles 123 -> 54 slots). Hard labels and unit weights give integer sums:
 // exact in any order.
 void target_stats(const Problem& pr, Tile& tl, double* tg) {
   const int C = (int)pr.classes;
