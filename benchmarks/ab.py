@@ -2,6 +2,7 @@
 
     python benchmarks/ab.py HEAD~1                  # synapse2d, 8 pairs, the avx512 (else best) variant
     python benchmarks/ab.py v0.3 --config l5 --pairs 12
+    python benchmarks/ab.py HEAD --in-process --pairs 20   # the raw kernels, both libraries in one process
 
 Small kernel changes (a few %) drown in this shared machine's run-to-run noise (±5% per run) when the
 two builds are timed minutes apart. This builds REV's kernels (``git archive`` of csrc/ and setup.py
@@ -10,6 +11,11 @@ library and REV's library alternately, each run in a fresh process (``benchmarks
 with ``LOMIX_CPU_LIBRARY`` pointing at the library), and prints both means, the mean of the per-pair
 ratios and its ~95% interval. Both libraries must have the same C ABI (``lomix_cpu_abi_version``);
 the Python side is always this tree's. Build this tree first (``make setup`` or ``pip install -e .``).
+
+``--in-process`` loads both libraries into one process and times their raw kernels (forward, then
+backward; no finish, no autograd) alternately on the same inputs, the order swapped every pair: the
+machine's drift between processes drops out, and the per-pair ratios of synapse2d's kernels scatter
+by ~±1% instead of the step's ~±5% — changes of 1–2% become measurable.
 """
 from __future__ import annotations
 
@@ -46,6 +52,66 @@ def build_revision(rev: str, into: Path) -> None:
                    capture_output=True)
 
 
+def in_process_pairs(config: str, libraries: dict, pairs: int, threads: int = 0) -> dict:
+    """{name: [(forward ms, backward ms), ...]}: the raw kernels of each library in ``libraries`` ({name:
+    path}), timed alternately in this process on ``config``'s inputs (order reversed every other pair), on
+    ``threads`` threads (0: torch's default)."""
+    import time
+
+    import torch
+
+    from lomix_kernels import cpu
+    from lomix_kernels.fused import Plan, packed_params
+    from run import make_problem
+
+    import lomix_kernels as lk
+
+    if threads:
+        torch.set_num_threads(threads)
+    B, C, L, spatial, heads, logits, target = make_problem(config, 1.0)
+    crit = lk.LoMixLoss(L, C, backend="cpu")
+    params = [p.detach() for p in packed_params(crit.maps, L, C, crit.cat_weight, crit.cat_bias, crit.awf_weight,
+                                                crit.awf_bias, "official", torch.device("cpu"))]
+    plan = Plan.build(crit.maps, L, C, crit.options(), "official")
+    logits = [z.detach().contiguous() for z in logits]
+    torch.manual_seed(1)
+    stat_grads = [torch.randn(len(crit.maps), B, C) * 1e-3 for _ in range(3)]
+    opened = {name: cpu._open(path) for name, path in libraries.items()}
+    loaded = cpu._LIB
+
+    def one(lib):
+        cpu._LIB = lib  # (CpuKernels calls the library through cpu._library())
+        t0 = time.perf_counter()
+        cpu.CpuKernels.forward(plan, logits, target, None, params)
+        t1 = time.perf_counter()
+        grads = cpu.CpuKernels.backward(plan, logits, target, None, params, *stat_grads)
+        t2 = time.perf_counter()
+        del grads
+        return (t1 - t0) * 1e3, (t2 - t1) * 1e3
+
+    times = {name: [] for name in opened}
+    try:
+        for lib in opened.values():
+            one(lib)  # warm-up: first-touch pages, thread pools
+        for i in range(pairs):
+            order = list(opened.items()) if i % 2 == 0 else list(opened.items())[::-1]
+            for name, lib in order:
+                times[name].append(one(lib))
+    finally:
+        cpu._LIB = loaded
+    return times
+
+
+def summary(rev: str, config: str, what: str, base: list, current: list) -> str:
+    """Both means and the mean per-pair ratio current / base with its ~95% interval."""
+    ratios = [c / b for b, c in zip(base, current)]
+    mean = sum(ratios) / len(ratios)
+    sd = math.sqrt(sum((r - mean) ** 2 for r in ratios) / max(1, len(ratios) - 1))
+    half = 2 * sd / math.sqrt(len(ratios))
+    return (f"{config}, {what}, {len(ratios)} interleaved pairs: {rev} {sum(base) / len(base):.1f} ms, "
+            f"current {sum(current) / len(current):.1f} ms; current / {rev} = {mean:.3f} (±{half:.3f}, ~95%)")
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("rev", help="the git revision to compare against (e.g. HEAD~1)")
@@ -53,12 +119,22 @@ def main():
     ap.add_argument("--pairs", type=int, default=8)
     ap.add_argument("--repeats", type=int, default=5, help="timed steps per run (median)")
     ap.add_argument("--variant", default="avx512", help="which ISA variant's library to compare")
+    ap.add_argument("--in-process", action="store_true", help="time the raw kernels of both libraries in one process")
+    ap.add_argument("--threads", type=int, default=0, help="with --in-process: kernel threads (1 is the steadiest)")
     args = ap.parse_args()
     current = library(ROOT, args.variant)
     with tempfile.TemporaryDirectory() as tmp:
         print(f"building {args.rev} ...", flush=True)
         build_revision(args.rev, Path(tmp))
         base = library(Path(tmp), args.variant)
+        if args.in_process:
+            t = in_process_pairs(args.config, {"base": base, "current": current}, args.pairs, args.threads)
+            for k, what in enumerate(("forward", "backward")):
+                print(summary(args.rev, args.config, f"raw {what}", [x[k] for x in t["base"]],
+                              [x[k] for x in t["current"]]))
+            print(summary(args.rev, args.config, "raw forward+backward", [sum(x) for x in t["base"]],
+                          [sum(x) for x in t["current"]]))
+            return
         times = {"base": [], "current": []}
         for i in range(args.pairs):
             for name, lib in (("base", base), ("current", current)):
@@ -69,13 +145,7 @@ def main():
                 times[name].append(r["median_s"] * 1e3)
             print(f"pair {i + 1}: {args.rev} {times['base'][-1]:.1f} ms, current {times['current'][-1]:.1f} ms",
                   flush=True)
-    ratios = [c / b for b, c in zip(times["base"], times["current"])]
-    mean = sum(ratios) / len(ratios)
-    sd = math.sqrt(sum((r - mean) ** 2 for r in ratios) / max(1, len(ratios) - 1))
-    half = 2 * sd / math.sqrt(len(ratios))
-    print(f"\n{args.config}, {args.variant}, {args.pairs} interleaved pairs: {args.rev} "
-          f"{sum(times['base']) / len(ratios):.1f} ms, current {sum(times['current']) / len(ratios):.1f} ms; "
-          f"current / {args.rev} = {mean:.3f} (±{half:.3f}, ~95%)")
+    print("\n" + summary(args.rev, args.config, f"{args.variant}, step", times["base"], times["current"]))
 
 
 if __name__ == "__main__":
