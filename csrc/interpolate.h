@@ -180,6 +180,21 @@ void scatter_stage(const Problem& pr, const Stage& S, int i, int64_t p0, int n, 
   });
 }
 
+// The logit rows of the next tile of sample b ([p0 + TP, p0 + 2·TP), when whole) of the stages at output
+// resolution, asked into L2 while this tile computes: L·C rows of TP pixels are more streams than the
+// hardware prefetcher follows (raw forward ~3% faster, backward ~0.5%: benchmarks/CPU_LOG.md).
+inline void prefetch_next_tile(const Problem& pr, const std::vector<Stage>& stages, int64_t b, int64_t p0) {
+  if (p0 + 2 * TP > pr.pixels) return;
+  const size_t es = pr.logit_dtype == DT_F32 ? 4 : 2;
+  for (int i = 0; i < pr.num_stages; ++i) {
+    if (stages[i].resampled) continue;
+    for (int64_t c = 0; c < pr.classes; ++c) {
+      const char* next = (const char*)pr.logits[i] + ((b * pr.classes + c) * pr.pixels + p0 + TP) * es;
+      for (size_t o = 0; o < TP * es; o += 64) __builtin_prefetch(next + o, 0, 1);
+    }
+  }
+}
+
 // Load logits, target and pixel weights of tile [p0, p0 + n) of sample b into `tl`.
 // Resampled stages are interpolated on the fly from their native resolution.
 // Pads the tail with zeros (w = 0). Reports the first bad value in `err` when `check`.
@@ -189,6 +204,7 @@ void load_tile(const Problem& pr, const std::vector<Stage>& stages, int64_t b, i
   const int64_t P = pr.pixels;
   tl.n = n;
   std::fill(tl.ex_ready.begin(), tl.ex_ready.end(), 0);  // a new tile: no stage exponentials yet
+  prefetch_next_tile(pr, stages, b, p0);
   for (int i = 0; i < L; ++i) {
     const Stage& S = stages[i];
     if (S.resampled) interpolate_stage(pr, S, i, b, p0, n, tl);

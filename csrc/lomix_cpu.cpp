@@ -73,7 +73,8 @@ int lomix_cpu_forward(const Problem* prp, float* ce, float* inter, float* zsum, 
   {
     const FlushDenormals ftz;
     Tile tl(ly.L, C, ly.max_k);
-    aligned_vector<float> lane_buf(map_block * VW);  // VW-lane float partials of the per-map sums
+    aligned_vector<float> lane_buf(map_block * VW);  // VW-lane float partials of the per-map sums (zero:
+                                                     // made so, and left so by every flush, fold_lanes)
     vf* lanes = (vf*)lane_buf.data();
 #pragma omp for schedule(dynamic, 1)
     for (int64_t it = 0; it < nI; ++it) {
@@ -82,7 +83,6 @@ int lomix_cpu_forward(const Problem* prp, float* ce, float* inter, float* zsum, 
       auto flush = [&]() {
         fold_lanes(acc, lanes, map_block);
       };
-      std::fill(lane_buf.begin(), lane_buf.end(), 0.0f);
       int64_t tiles = 0;
       for (int64_t p0 = item.p0; p0 < item.p1; p0 += TP) {
         const int n = (int)std::min<int64_t>(TP, item.p1 - p0);
@@ -153,14 +153,14 @@ int lomix_cpu_backward(const Problem* prp, const float* gce, const float* ginter
   {
     const FlushDenormals ftz;
     Tile tl(L, C, ly.max_k);
-    aligned_vector<float> lane_buf((size_t)nP * VW);  // per-parameter VW-lane partials of the current flush window
+    aligned_vector<float> lane_buf((size_t)nP * VW);  // per-parameter VW-lane partials of the current flush
+                                                      // window (zero: made so, left so by fold_lanes)
     vf* dp = (vf*)lane_buf.data();
 #pragma omp for schedule(dynamic, 1)
     for (int64_t it = 0; it < nI; ++it) {
       const Item item = items[it];
       double* out = nP ? &part[(size_t)it * nP] : nullptr;
       auto flush = [&]() { fold_lanes(out, dp, (size_t)nP); };
-      std::fill(lane_buf.begin(), lane_buf.end(), 0.0f);
       int64_t tiles = 0;
       for (int64_t p0 = item.p0; p0 < item.p1; p0 += TP) {
         const int n = (int)std::min<int64_t>(TP, item.p1 - p0);
