@@ -12,10 +12,11 @@ with ``LOMIX_CPU_LIBRARY`` pointing at the library), and prints both means, the 
 ratios and its ~95% interval. Both libraries must have the same C ABI (``lomix_cpu_abi_version``);
 the Python side is always this tree's. Build this tree first (``make setup`` or ``pip install -e .``).
 
-``--in-process`` loads both libraries into one process and times their raw kernels (forward, then
-backward; no finish, no autograd) alternately on the same inputs, the order swapped every pair: the
-machine's drift between processes drops out, and the per-pair ratios of synapse2d's kernels scatter
-by ~±1% instead of the step's ~±5% — changes of 1–2% become measurable.
+``--in-process`` loads both libraries into one process and times, per library and pair, its raw kernels
+(forward, then backward; no finish, no autograd) and a whole loss step (``LoMixLoss`` forward+backward),
+alternately on the same inputs, the order swapped every pair: the machine's drift between processes
+drops out, and the per-pair ratios of synapse2d's raw kernels scatter by ~±1% (one thread) instead of
+the step's ~±3–5% between processes — changes of 1–2% become measurable.
 """
 from __future__ import annotations
 
@@ -53,9 +54,9 @@ def build_revision(rev: str, into: Path) -> None:
 
 
 def in_process_pairs(config: str, libraries: dict, pairs: int, threads: int = 0) -> dict:
-    """{name: [(forward ms, backward ms), ...]}: the raw kernels of each library in ``libraries`` ({name:
-    path}), timed alternately in this process on ``config``'s inputs (order reversed every other pair), on
-    ``threads`` threads (0: torch's default)."""
+    """{name: [(raw forward ms, raw backward ms, step ms), ...]}: each library in ``libraries`` ({name:
+    path}) timed alternately in this process on ``config``'s inputs (order reversed every other pair), on
+    ``threads`` threads (0: torch's default). Each library's gradient buffers stay in its own pool."""
     import time
 
     import torch
@@ -73,7 +74,7 @@ def in_process_pairs(config: str, libraries: dict, pairs: int, threads: int = 0)
     params = [p.detach() for p in packed_params(crit.maps, L, C, crit.cat_weight, crit.cat_bias, crit.awf_weight,
                                                 crit.awf_bias, "official", torch.device("cpu"))]
     plan = Plan.build(crit.maps, L, C, crit.options(), "official")
-    logits = [z.detach().contiguous() for z in logits]
+    raw_logits = [z.detach() for z in logits]
     torch.manual_seed(1)
     stat_grads = [torch.randn(len(crit.maps), B, C) * 1e-3 for _ in range(3)]
     opened = {name: cpu._open(path) for name, path in libraries.items()}
@@ -81,13 +82,19 @@ def in_process_pairs(config: str, libraries: dict, pairs: int, threads: int = 0)
 
     def one(lib):
         cpu._LIB = lib  # (CpuKernels calls the library through cpu._library())
+        for z in logits:
+            z.grad = None  # (the last step's gradients back to their library's pool)
+        crit.zero_grad(set_to_none=True)
         t0 = time.perf_counter()
-        cpu.CpuKernels.forward(plan, logits, target, None, params)
+        cpu.CpuKernels.forward(plan, raw_logits, target, None, params)
         t1 = time.perf_counter()
-        grads = cpu.CpuKernels.backward(plan, logits, target, None, params, *stat_grads)
+        grads = cpu.CpuKernels.backward(plan, raw_logits, target, None, params, *stat_grads)
         t2 = time.perf_counter()
         del grads
-        return (t1 - t0) * 1e3, (t2 - t1) * 1e3
+        t3 = time.perf_counter()
+        crit(logits, target).backward()
+        t4 = time.perf_counter()
+        return (t1 - t0) * 1e3, (t2 - t1) * 1e3, (t4 - t3) * 1e3
 
     times = {name: [] for name in opened}
     try:
@@ -98,6 +105,8 @@ def in_process_pairs(config: str, libraries: dict, pairs: int, threads: int = 0)
             for name, lib in order:
                 times[name].append(one(lib))
     finally:
+        for z in logits:
+            z.grad = None
         cpu._LIB = loaded
     return times
 
@@ -129,11 +138,10 @@ def main():
         base = library(Path(tmp), args.variant)
         if args.in_process:
             t = in_process_pairs(args.config, {"base": base, "current": current}, args.pairs, args.threads)
-            for k, what in enumerate(("forward", "backward")):
-                print(summary(args.rev, args.config, f"raw {what}", [x[k] for x in t["base"]],
-                              [x[k] for x in t["current"]]))
-            print(summary(args.rev, args.config, "raw forward+backward", [sum(x) for x in t["base"]],
-                          [sum(x) for x in t["current"]]))
+            for what, value in (("raw forward", lambda x: x[0]), ("raw backward", lambda x: x[1]),
+                                ("raw forward+backward", lambda x: x[0] + x[1]), ("step", lambda x: x[2])):
+                print(summary(args.rev, args.config, what, [value(x) for x in t["base"]],
+                              [value(x) for x in t["current"]]))
             return
         times = {"base": [], "current": []}
         for i in range(args.pairs):
