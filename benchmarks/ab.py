@@ -53,10 +53,11 @@ def build_revision(rev: str, into: Path) -> None:
                    capture_output=True)
 
 
-def in_process_pairs(config: str, libraries: dict, pairs: int, threads: int = 0) -> dict:
+def in_process_pairs(config: str, libraries: dict, pairs: int, threads: int = 0, scale: float = 1.0) -> dict:
     """{name: [(raw forward ms, raw backward ms, step ms), ...]}: each library in ``libraries`` ({name:
     path}) timed alternately in this process on ``config``'s inputs (order reversed every other pair), on
-    ``threads`` threads (0: torch's default). Each library's gradient buffers stay in its own pool."""
+    ``threads`` threads (0: torch's default), spatial sizes scaled by ``scale``. Each library's gradient
+    buffers stay in its own pool."""
     import time
 
     import torch
@@ -69,7 +70,7 @@ def in_process_pairs(config: str, libraries: dict, pairs: int, threads: int = 0)
 
     if threads:
         torch.set_num_threads(threads)
-    B, C, L, spatial, heads, logits, target = make_problem(config, 1.0)
+    B, C, L, spatial, heads, logits, target = make_problem(config, scale)
     crit = lk.LoMixLoss(L, C, backend="cpu")
     params = [p.detach() for p in packed_params(crit.maps, L, C, crit.cat_weight, crit.cat_bias, crit.awf_weight,
                                                 crit.awf_bias, "official", torch.device("cpu"))]
