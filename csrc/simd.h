@@ -27,6 +27,17 @@ inline T exp_reduced(T x, T n) {
   return y * r + 1.0f;
 }
 
+// 2^r for r ∈ [0, 1]: a degree-5 polynomial fitted for float32 relative error (≤ 1.7e-7 by Horner in
+// float32; exactly 1 at r = 0): the AVX-512 exponentials' (exp_nonpositive_v).
+template <class T>
+inline T exp2_unit(T r) {
+  T y = r * 1.86713308e-3f + 9.01702233e-3f;
+  y = y * r + 5.57999201e-2f;
+  y = y * r + 2.40164444e-1f;
+  y = y * r + 6.93151295e-1f;
+  return y * r + 1.0f;
+}
+
 inline float fast_exp(float x) {
   x = std::min(std::max(x, -87.3f), 88.7f);
   const float shifter = 12582912.0f;  // 1.5 * 2^23: round-to-nearest by addition
@@ -87,19 +98,22 @@ inline void row_store(float* p, const Row& r) { for (int i = 0; i < NV; ++i) *(v
 inline void row_fma(Row& acc, float w, const float* x) {  // acc += w * x
   for (int i = 0; i < NV; ++i) acc.v[i] += w * *(const vf*)(x + VW * i);
 }
-// exp(x) of VW lanes at once for x ≤ 0 (the softmax's shifted logits): fast_exp's n and polynomial;
-// n = round(x·log2 e) by adding and subtracting 1.5·2^23 (one FMA and one subtraction, on either FP
-// port: vrndscaleps is two micro-ops on port 0 only, where vscalefps also runs — 0.97 of the step); with
-// AVX-512 the scale by 2^n is one vscalefps (which needs no upper clamp, and underflows to 0): 10 vector
-// operations per VW exponentials (13 otherwise: a compare-and-blend clamp, 2^n from t's bits: shift, add, multiply).
+// exp(x) of VW lanes at once for x ≤ 0 (the softmax's shifted logits). With AVX-512, as 2^y, y = x·log2 e:
+// r = y − floor(y) ∈ [0, 1) by one vreduceps, 2^r by exp2_unit, and the scale by 2^floor(y) by one
+// vscalefps, which floors y itself, needs no clamp and underflows to 0 (x = −inf gives 0): 8 vector
+// operations per VW exponentials, and exp(0) = 1 exactly (the max class of a softmax; an awf attention
+// gradient that cancels to ~1e-6 of its terms needs it: tests/test_cpu.py's gap-120 case). y's rounding
+// (2^-24 of |y|) is a relative error of the value below 6e-8·|x|: ≤ 2e-8 of the class sum. Otherwise
+// fast_exp's method: n = round(x·log2 e) by adding and subtracting 1.5·2^23, r = x − n·ln2, 2^n from
+// the sum's bits: 13 operations (a compare-and-blend clamp; shift, add, multiply for 2^n).
 inline vf exp_nonpositive_v(vf x) {
+#if defined(__AVX512F__)
+  const vf y = x * 1.44269504088896341f;
+  const vf r = (vf)_mm512_reduce_ps((__m512)y, _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC);
+  return (vf)_mm512_scalef_ps((__m512)exp2_unit(r), (__m512)y);
+#else
   const vf lo = vf{} - 87.3f;
   const vf shifter = vf{} + 12582912.0f;  // 1.5 * 2^23: round-to-nearest by addition
-#if defined(__AVX512F__)
-  x = (vf)_mm512_max_ps((__m512)x, (__m512)lo);  // (x < lo ? lo : x is a compare and a blend)
-  const vf n = (x * 1.44269504088896341f + shifter) - shifter;
-  return (vf)_mm512_scalef_ps((__m512)exp_reduced(x, n), (__m512)n);
-#else
   x = x < lo ? lo : x;
   const vf t = x * 1.44269504088896341f + shifter;  // t's low mantissa bits hold n (mod 2^9)
   const vf n = t - shifter;
