@@ -107,7 +107,7 @@ inline void row_fma(Row& acc, float w, const float* x) {  // acc += w * x
 // fast_exp's method: n = round(x·log2 e) by adding and subtracting 1.5·2^23, r = x − n·ln2, 2^n from
 // the sum's bits: 13 operations (a compare-and-blend clamp; shift, add, multiply for 2^n).
 inline vf exp_nonpositive_v(vf x) {
-#if defined(__AVX512F__)
+#if defined(__AVX512F__) && defined(__AVX512DQ__)  // (vreduceps is AVX512DQ: in every x86-64-v4 CPU)
   const vf y = x * 1.44269504088896341f;
   const vf r = (vf)_mm512_reduce_ps((__m512)y, _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC);
   return (vf)_mm512_scalef_ps((__m512)exp2_unit(r), (__m512)y);
