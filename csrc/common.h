@@ -73,6 +73,7 @@ struct Problem {
   const float* awf_v;              // packed per subset: (|S|, |S|C)
   const float* awf_c;              // packed per subset: (|S|,)
 };
+inline size_t logit_bytes(const Problem& pr) { return pr.logit_dtype == DT_F32 ? 4 : 2; }  // per logit (and gradient)
 // ---------------------------------------------------------------------------------------------
 
 // ---- scalar conversions (branch-free, vectorizable) -----------------------------------------

@@ -185,7 +185,7 @@ void scatter_stage(const Problem& pr, const Stage& S, int i, int64_t p0, int n, 
 // hardware prefetcher follows (raw forward ~3% faster, backward ~0.5%: benchmarks/CPU_LOG.md).
 inline void prefetch_next_tile(const Problem& pr, const std::vector<Stage>& stages, int64_t b, int64_t p0) {
   if (p0 + 2 * TP > pr.pixels) return;
-  const size_t es = pr.logit_dtype == DT_F32 ? 4 : 2;
+  const size_t es = logit_bytes(pr);
   for (int i = 0; i < pr.num_stages; ++i) {
     if (stages[i].resampled) continue;
     for (int64_t c = 0; c < pr.classes; ++c) {
@@ -286,7 +286,7 @@ void load_tile(const Problem& pr, const std::vector<Stage>& stages, int64_t b, i
 void store_gradient_rows(const Problem& pr, const std::vector<Stage>& stages, int64_t b, int64_t p0, int n,
                          Tile& tl, void* const* grad_logits) {
   const int C = (int)pr.classes;
-  const size_t es = pr.logit_dtype == DT_F32 ? 4 : 2;
+  const size_t es = logit_bytes(pr);
   alignas(ALIGN) uint16_t half[TP];
   for (int i = 0; i < pr.num_stages; ++i) {
     if (stages[i].resampled) continue;  // (scatter_stage: through the interpolation adjoint)

@@ -141,7 +141,7 @@ int lomix_cpu_backward(const Problem* prp, const float* gce, const float* ginter
   std::vector<float> qgz(gzsum, gzsum + (size_t)M * B * C);  // q·∂L/∂zsum, as map_grad takes it
   for (float& v : qgz) v *= (float)pr.q;
   for (int i = 0; i < L; ++i)
-    advise_huge_pages(grad_logits[i], (size_t)(B * C * stages[i].pixels) * (pr.logit_dtype == DT_F32 ? 4 : 2));
+    advise_huge_pages(grad_logits[i], (size_t)(B * C * stages[i].pixels) * logit_bytes(pr));
   // Resampled stages: each item scatters the interpolation adjoint into a private double buffer
   // over the native rows its band touches; buffers are summed in item order afterwards.
   const int oa = outer_axis(pr);
