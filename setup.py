@@ -47,8 +47,25 @@ class BuildVariants(build_ext):
             if variant in ("probe", "avx2", "portable"):
                 raise
             self.warn(f"lomix_kernels: skipping the {variant} CPU variant ({exc})")
+            self.skipped.append(self.get_ext_fullpath(ext.name))
         finally:
             self.build_temp = temp
+
+    def run(self):
+        self.skipped = []  # libraries of variants this compiler could not build
+        super().run()
+        if self.inplace:  # (an editable install builds next to the sources, where older builds stay)
+            self.remove_stale_variants()
+
+    def remove_stale_variants(self):
+        """Delete the kernel libraries in the package folder that this build does not provide (a variant
+        built before, e.g. with LOMIX_CPU_NATIVE=1, or one skipped now): LOMIX_CPU_ISA would load them."""
+        paths = [self.get_ext_fullpath(ext.name) for ext in self.extensions]
+        keep = {os.path.basename(p) for p in paths if p not in self.skipped}
+        for lib in Path(paths[0]).parent.glob("_lomix_cpu_*"):
+            if lib.name not in keep:
+                self.announce(f"lomix_kernels: removing the stale kernel library {lib.name}", level=2)
+                lib.unlink()
 
     def get_export_symbols(self, ext):
         return []  # a ctypes library: no PyInit_ symbol

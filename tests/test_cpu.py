@@ -296,6 +296,32 @@ def test_add_maps_from_member_exponentials_with_confident_disagreeing_stages(gap
 
 @pytest.mark.skipif(bool(os.environ.get(cpu.ISA_ENV)), reason="build tooling, not a variant: run once, "
                     "outside the forced-variant runs")
+def test_in_place_build_removes_stale_variant_libraries(tmp_path):
+    """An in-place (editable) build leaves only the libraries it made: a variant built earlier (here a fake
+    LOMIX_CPU_NATIVE=1 library) would otherwise stay for LOMIX_CPU_ISA to load, with older kernels."""
+    import shutil
+    import time
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    shutil.copytree(root / "csrc", tmp_path / "csrc")
+    for rel in ("setup.py", "pyproject.toml", "lomix_kernels/__init__.py"):
+        (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(root / rel, tmp_path / rel)
+    stale = tmp_path / "lomix_kernels" / "_lomix_cpu_native.cpython-311-x86_64-linux-gnu.so"
+    stale.write_bytes(b"an old build")
+    started = time.time() - 1
+    env = {k: v for k, v in os.environ.items() if k != "LOMIX_CPU_NATIVE"}
+    subprocess.run([sys.executable, "setup.py", "-q", "build_ext", "--inplace"], cwd=tmp_path, env=env,
+                   capture_output=True, check=True)
+    left = list((tmp_path / "lomix_kernels").glob("_lomix_cpu_*"))
+    assert not stale.exists()
+    assert any(p.name.startswith("_lomix_cpu_probe.") for p in left)
+    assert all(p.stat().st_mtime >= started for p in left), [p.name for p in left]  # each made by this build
+
+
+@pytest.mark.skipif(bool(os.environ.get(cpu.ISA_ENV)), reason="build tooling, not a variant: run once, "
+                    "outside the forced-variant runs")
 def test_library_override_loads_that_build(tmp_path):
     """LOMIX_CPU_LIBRARY loads one kernel library file (benchmarks/ab.py's other build); a bad path is
     reported, not a crash."""
