@@ -144,17 +144,45 @@ void interpolate_stage(const Problem& pr, const Stage& S, int i, int64_t b, int6
   });
 }
 
+// Vectors of doubles at this build's width (DL = VW/2 lanes) for the scatter's prefix sums.
+constexpr int DL = VW / 2;
+typedef double vd __attribute__((vector_size(DL * 8), aligned(8)));
+typedef int64_t vdmask __attribute__((vector_size(DL * 8)));
+template <int K>
+inline vd shift_up(vd x) {  // lanes moved up by K, zeros in
+  vdmask m;
+  for (int j = 0; j < DL; ++j) m[j] = j < K ? DL : j - K;
+  return __builtin_shuffle(x, vd{}, m);
+}
+
+// Exclusive prefix sums of n doubles (n a multiple of DL): out[0] = 0, out[t + 1] = u[0] + … + u[t], by a
+// log-step scan inside each vector and one carry between vectors.
+inline void prefix_sums(const double* u, int n, double* out) {
+  double carry = 0.0;
+  out[0] = 0.0;
+  for (int t0 = 0; t0 < n; t0 += DL) {
+    vd x = *(const vd*)(u + t0);
+    x += shift_up<1>(x);
+    if constexpr (DL > 2) x += shift_up<2>(x);
+    if constexpr (DL > 4) x += shift_up<4>(x);
+    x += carry;
+    *(vd*)(out + t0 + 1) = x;
+    carry = x[DL - 1];
+  }
+}
+
 // The adjoint of interpolate_stage: tl.gxs(i, ·) at tile pixels [p0, p0 + n) added into buf, stage
 // i's native gradient of one sample (C planes of `plane` doubles, holding native flat indices from
-// `first` on), along W first, then into the mixed rows.
+// `first` on), along W first, then into the mixed rows. Along W, native column q receives the pixels
+// t in [run0[q], run0[q + 1]) through its i0 corner and [run1[q], run1[q + 1]) through i1 (both
+// nondecreasing in t): its sum is a difference of prefix sums (in double, over the exact products
+// l·g) — vector work per pixel instead of a chain of dependent additions per column and class (the
+// per-column sums were ~68 ms of ct3d-native's backward in those chains; now ~0.95 of the backward).
 void scatter_stage(const Problem& pr, const Stage& S, int i, int64_t p0, int n, Tile& tl, double* buf,
                    int64_t plane, int64_t first) {
   const int C = (int)pr.classes;
   const Axis& aw = S.axis[2];
   for_segments(pr, S, p0, n, [&](const Segment& sg) {
-    // native column q receives from the pixels t in [run0[q], run0[q + 1]) through its i0 corner and
-    // [run1[q], run1[q + 1]) through i1 (both nondecreasing in t): each sum is formed once, in
-    // registers (a += per pixel into acc[i0(t)] would chain every pixel through memory)
     int run0[TP + 2], run1[TP + 2];
     for (int q = 0, t0 = 0, t1 = 0; q <= sg.nw; ++q) {
       while (t0 < sg.len && aw.i0[sg.ow + t0] - sg.w_lo < q) ++t0;
@@ -164,15 +192,19 @@ void scatter_stage(const Problem& pr, const Stage& S, int i, int64_t p0, int n, 
     }
     const float* l0 = &aw.l0[sg.ow];
     const float* l1 = &aw.l1[sg.ow];
-    double acc[TP + 1];
+    const int len = (sg.len + DL - 1) / DL * DL;  // (zero-padded to whole vectors)
+    alignas(ALIGN) double u0[TP + DL], u1[TP + DL], s0[TP + DL + 1], s1[TP + DL + 1], acc[TP + 1];
     for (int c = 0; c < C; ++c) {
       const float* g = tl.gxs(i, c) + sg.p;
-      for (int64_t q = 0; q < sg.nw; ++q) {
-        double v = 0.0;
-        for (int t = run0[q]; t < run0[q + 1]; ++t) v += (double)(l0[t] * g[t]);
-        for (int t = run1[q]; t < run1[q + 1]; ++t) v += (double)(l1[t] * g[t]);
-        acc[q] = v;
+      for (int t = 0; t < sg.len; ++t) {
+        u0[t] = (double)l0[t] * (double)g[t];
+        u1[t] = (double)l1[t] * (double)g[t];
       }
+      for (int t = sg.len; t < len; ++t) u0[t] = u1[t] = 0.0;
+      prefix_sums(u0, len, s0);
+      prefix_sums(u1, len, s1);
+      for (int64_t q = 0; q < sg.nw; ++q)
+        acc[q] = (s0[run0[q + 1]] - s0[run0[q]]) + (s1[run1[q + 1]] - s1[run1[q]]);
       double* bc = buf + (size_t)c * plane + sg.w_lo - first;
       for (int r = 0; r < sg.m; ++r)
         for (int64_t q = 0; q < sg.nw; ++q) bc[sg.off[r] + q] += (double)sg.wt[r] * acc[q];
