@@ -252,6 +252,33 @@ inline float sum_tp(const float* __restrict a) {
   return acc;
 }
 
+// ---- vectors of doubles at this build's width (DL = VW/2 lanes): the native heads' scatter --------
+constexpr int DL = VW / 2;
+typedef double vd __attribute__((vector_size(DL * 8), aligned(8)));
+typedef int64_t vdmask __attribute__((vector_size(DL * 8)));
+template <int K>
+inline vd shift_up(vd x) {  // lanes moved up by K, zeros in
+  vdmask m;
+  for (int j = 0; j < DL; ++j) m[j] = j < K ? DL : j - K;
+  return __builtin_shuffle(x, vd{}, m);
+}
+
+// Exclusive prefix sums of n doubles (n a multiple of DL): out[0] = 0, out[t + 1] = u[0] + … + u[t], by a
+// log-step scan inside each vector and one carry between vectors.
+inline void prefix_sums(const double* u, int n, double* out) {
+  double carry = 0.0;
+  out[0] = 0.0;
+  for (int t0 = 0; t0 < n; t0 += DL) {
+    vd x = *(const vd*)(u + t0);
+    x += shift_up<1>(x);
+    if constexpr (DL > 2) x += shift_up<2>(x);
+    if constexpr (DL > 4) x += shift_up<4>(x);
+    x += carry;
+    *(vd*)(out + t0 + 1) = x;
+    carry = x[DL - 1];
+  }
+}
+
 // ---- streaming stores ----------------------------------------------------------------------------
 // The backward writes each logits gradient once and never reads it back: ordinary stores would first
 // read every line in (read-for-ownership) and push the tile buffers out of L1. Non-temporal stores do
