@@ -51,8 +51,11 @@ class BuildVariants(build_ext):
         finally:
             self.build_temp = temp
 
-    def run(self):
+    def initialize_options(self):
+        super().initialize_options()
         self.skipped = []  # libraries of variants this compiler could not build
+
+    def run(self):
         super().run()
         if self.inplace:  # (an editable install builds next to the sources, where older builds stay)
             self.remove_stale_variants()
