@@ -94,23 +94,34 @@ inline void for_segments(const Problem& pr, const Stage& S, int64_t q0, int n, F
   }
 }
 
+// The m native rows of a segment mixed by their weights (M = m: 2 in 2D, 4 in 3D; vectorized over q).
+template <int M>
+inline void mix_rows(const float* const* rows, const float* wt, int64_t nw, float* __restrict mix) {
+  for (int64_t q = 0; q < nw; ++q) {
+    float v = wt[0] * rows[0][q];
+    for (int r = 1; r < M; ++r) v = std::fma(wt[r], rows[r][q], v);
+    mix[q] = v;
+  }
+}
+
 // Stage i of sample b at tile pixels [p0, p0 + n), interpolated from its native resolution into
-// tl.xs(i, ·).
+// tl.xs(i, ·). Per segment, every class's mixed rows first (into tl.mix), then the W corners: the
+// vector loads of a class's mixed row come long after its stores (a load spanning stores still in
+// flight waits for them: no store forwarding).
 void interpolate_stage(const Problem& pr, const Stage& S, int i, int64_t b, int64_t p0, int n, Tile& tl) {
   const int C = (int)pr.classes;
   const Axis& aw = S.axis[2];
   for_segments(pr, S, p0, n, [&](const Segment& sg) {
-    alignas(ALIGN) float mix[TP + 1 + 32] = {};  // (32: the permute's second table register reads past nw)
     for (int c = 0; c < C; ++c) {
       const int64_t base = (b * C + c) * S.pixels + sg.w_lo;
-      if (pr.logit_dtype == DT_F32) {  // the m native rows, mixed (vectorized over q)
+      float* mix = tl.mixes(c);
+      if (pr.logit_dtype == DT_F32) {
         const float* rows[4];
         for (int r = 0; r < sg.m; ++r) rows[r] = (const float*)pr.logits[i] + base + sg.off[r];
-        for (int64_t q = 0; q < sg.nw; ++q) {
-          float v = 0.0f;
-          for (int r = 0; r < sg.m; ++r) v += sg.wt[r] * rows[r][q];
-          mix[q] = v;
-        }
+        if (sg.m == 2)
+          mix_rows<2>(rows, sg.wt, sg.nw, mix);
+        else
+          mix_rows<4>(rows, sg.wt, sg.nw, mix);
       } else {
         for (int64_t q = 0; q < sg.nw; ++q) {
           float v = 0.0f;
@@ -118,6 +129,9 @@ void interpolate_stage(const Problem& pr, const Stage& S, int i, int64_t b, int6
           mix[q] = v;
         }
       }
+    }
+    for (int c = 0; c < C; ++c) {
+      const float* mix = tl.mixes(c);
       float* dst = tl.xs(i, c) + sg.p;
       int t = 0;
 #if defined(__AVX512F__)
@@ -144,18 +158,114 @@ void interpolate_stage(const Problem& pr, const Stage& S, int i, int64_t b, int6
   });
 }
 
+#if defined(__AVX512F__)
+// ---- the interpolation adjoint's column sums in vectors (AVX-512) ----------------------------------
+// A chunk of 16 consecutive output pixels of a row segment, and how its two W corners group them: the
+// lanes whose i0 (i1) is the same native column are consecutive (i0, i1 nondecreasing), and a group
+// ends at lane end0[j] (end1[j]) for the j-th column from base0 (base1) on.
+struct WChunk {
+  int at, base0, base1;           // first pixel (from the segment's), first columns (from w_lo)
+  __mmask16 valid, q0, q1;        // lanes in the segment; the columns the chunk reaches through i0, i1
+  __m512 l0, l1;                  // the corner weights (0 outside the segment)
+  __m512i end0, end1;             // each column's last lane
+};
+
+template <int K>
+inline __m512 lanes_up(__m512 x) {  // lane t gets x[t − K], zeros in
+  return _mm512_castsi512_ps(_mm512_alignr_epi32(_mm512_castps_si512(x), _mm512_setzero_si512(), 16 - K));
+}
+
+// The groups' ends and sizes of one corner's columns k (relative to the chunk's first, masked to valid).
+inline void group_ends(__m512i k, __mmask16 valid, int nv, __m512i& end, __mmask16& q) {
+  const __m512i iota = _mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0);
+  const __m512i next = _mm512_permutexvar_epi32(_mm512_min_epi32(_mm512_add_epi32(iota, _mm512_set1_epi32(1)),
+                                                                 _mm512_set1_epi32(15)), k);
+  const __mmask16 ends = (__mmask16)(_mm512_mask_cmpneq_epi32_mask(valid, next, k) | (1u << (nv - 1)));
+  end = _mm512_maskz_compress_epi32(ends, iota);
+  q = (__mmask16)((1u << __builtin_popcount(ends)) - 1u);
+}
+
+// The chunks of a segment (at most TP / 16 = 4).
+inline int w_chunks(const Axis& aw, const Segment& sg, WChunk* ch) {
+  int nc = 0;
+  for (int at = 0; at < sg.len; at += 16, ++nc) {
+    WChunk& w = ch[nc];
+    const int nv = std::min(16, sg.len - at);
+    const int64_t o = sg.ow + at;
+    w.at = at;
+    w.valid = (__mmask16)(nv == 16 ? 0xFFFFu : (1u << nv) - 1u);
+    w.base0 = aw.i0[o] - (int)sg.w_lo;
+    w.base1 = aw.i1[o] - (int)sg.w_lo;
+    w.l0 = _mm512_maskz_loadu_ps(w.valid, &aw.l0[o]);
+    w.l1 = _mm512_maskz_loadu_ps(w.valid, &aw.l1[o]);
+    group_ends(_mm512_maskz_loadu_epi32(w.valid, &aw.i0[o]), w.valid, nv, w.end0, w.q0);
+    group_ends(_mm512_maskz_loadu_epi32(w.valid, &aw.i1[o]), w.valid, nv, w.end1, w.q1);
+  }
+  return nc;
+}
+
+// The sums of a's lanes by group (group_ends): lane j holds group j's (j < popcount of its mask): an
+// inclusive scan in the vector, each group's end picked by one permute, minus the previous group's end.
+inline __m512 group_sums(__m512 a, __m512i end) {
+  a = _mm512_add_ps(a, lanes_up<1>(a));
+  a = _mm512_add_ps(a, lanes_up<2>(a));
+  a = _mm512_add_ps(a, lanes_up<4>(a));
+  a = _mm512_add_ps(a, lanes_up<8>(a));
+  const __m512 e = _mm512_permutexvar_ps(end, a);
+  return _mm512_sub_ps(e, lanes_up<1>(e));
+}
+
+// A chunk's column sums of one class (g: its 16 gradients) added into dst (the segment's columns from
+// w_lo on): both corners' sums in one vector at base0 (base1 is base0 or base0 + 1), one load and one
+// store — two stores to the same columns back to back stall the second's load (no store forwarding).
+inline void add_chunk_sums(const WChunk& w, __m512 g, float* dst) {
+  const __m512 s0 = _mm512_maskz_mov_ps(w.q0, group_sums(_mm512_mul_ps(w.l0, g), w.end0));
+  __m512 s1 = _mm512_maskz_mov_ps(w.q1, group_sums(_mm512_mul_ps(w.l1, g), w.end1));
+  __mmask16 q = w.q0 | w.q1;
+  if (w.base1 != w.base0) {
+    if (w.q1 >> 15) {  // (17 columns: a stage of nearly the target's width; the last on its own)
+      dst[w.base1 + 15] += s1[15];
+    }
+    s1 = lanes_up<1>(s1);
+    q = w.q0 | (__mmask16)(w.q1 << 1);
+  }
+  float* d = dst + w.base0;
+  _mm512_mask_storeu_ps(d, q, _mm512_add_ps(_mm512_maskz_loadu_ps(q, d), _mm512_add_ps(s0, s1)));
+}
+#endif
+
 // The adjoint of interpolate_stage: tl.gxs(i, ·) at tile pixels [p0, p0 + n) added into buf, stage
 // i's native gradient of one sample (C planes of `plane` doubles, holding native flat indices from
 // `first` on), along W first, then into the mixed rows. Along W, native column q receives the pixels
 // t in [run0[q], run0[q + 1]) through its i0 corner and [run1[q], run1[q + 1]) through i1 (both
-// nondecreasing in t): its sum is a difference of prefix sums (in double, over the exact products
-// l·g) — vector work per pixel instead of a chain of dependent additions per column and class (the
-// per-column sums were ~68 ms of ct3d-native's backward in those chains; now ~0.95 of the backward).
+// nondecreasing in t). With AVX-512 each 16-pixel chunk's column sums come from a scan in the vector
+// (add_chunk_sums: float sums of at most 16 products, then added in double); otherwise each sum is a
+// difference of prefix sums in double over the exact products l·g. Either way vector work per pixel,
+// not a chain of dependent additions per column and class (those were ~68 ms of ct3d-native's backward).
 void scatter_stage(const Problem& pr, const Stage& S, int i, int64_t p0, int n, Tile& tl, double* buf,
                    int64_t plane, int64_t first) {
   const int C = (int)pr.classes;
   const Axis& aw = S.axis[2];
   for_segments(pr, S, p0, n, [&](const Segment& sg) {
+#if defined(__AVX512F__)
+    WChunk ch[TP / 16];
+    const int nc = w_chunks(aw, sg, ch);
+    for (int c = 0; c < C; ++c) std::fill(tl.mixes(c), tl.mixes(c) + sg.nw, 0.0f);  // column sums (sg.nw ≤ TP + 1)
+    for (int j = 0; j < nc; ++j)  // (chunk-major: a column two chunks share is stored long before it is read again)
+      for (int c = 0; c < C; ++c) {
+        const __m512 g = _mm512_maskz_loadu_ps(ch[j].valid, tl.gxs(i, c) + sg.p + ch[j].at);
+        add_chunk_sums(ch[j], g, tl.mixes(c));
+      }
+    for (int c = 0; c < C; ++c) {
+      const float* __restrict acc = tl.mixes(c);
+      double* bc = buf + (size_t)c * plane + sg.w_lo - first;
+      for (int r = 0; r < sg.m; ++r) {
+        double* __restrict row = bc + sg.off[r];
+        const double wt = sg.wt[r];
+        for (int64_t q = 0; q < sg.nw; ++q) row[q] += wt * (double)acc[q];
+      }
+    }
+#else
     int run0[TP + 2], run1[TP + 2];
     for (int q = 0, t0 = 0, t1 = 0; q <= sg.nw; ++q) {
       while (t0 < sg.len && aw.i0[sg.ow + t0] - sg.w_lo < q) ++t0;
@@ -182,6 +292,7 @@ void scatter_stage(const Problem& pr, const Stage& S, int i, int64_t p0, int n, 
       for (int r = 0; r < sg.m; ++r)
         for (int64_t q = 0; q < sg.nw; ++q) bc[sg.off[r] + q] += (double)sg.wt[r] * acc[q];
     }
+#endif
   });
 }
 

@@ -65,11 +65,16 @@ std::vector<Item> make_items(const Problem& p) {
   return items;
 }
 
+constexpr int MIX_ROW = TP + 32;
+
 // Per-thread tile buffers.
 struct Tile {
   int L, C, n = 0;                 // n valid pixels in the current tile
   aligned_vector<float> x, t, tw, z, s, g, gx, score, alpha, dalpha;  // tw = w·t (forward: target_stats)
   aligned_vector<float> ex, emax, esum;  // per stage: exp(x - max_c x) (C×TP), the max and Σ_c (TP), once per tile
+  aligned_vector<float> mix;             // C×MIX_ROW: a segment's mixed native rows (interpolate_stage) or its
+                                         // column sums (scatter_stage): at most TP + 1 columns, and the permute's
+                                         // second table register reads 32 floats from the last
   std::vector<char> ex_ready;      // ... computed yet for this tile (load_tile resets it)
   const float* probs = nullptr;    // the current map's activation: tl.s, or (an original map) its stage's ex
   alignas(ALIGN) float w[TP];
@@ -80,10 +85,12 @@ struct Tile {
   Tile(int L_, int C_, int max_k) : L(L_), C(C_), x((size_t)L_ * C_ * TP), t((size_t)C_ * TP), tw((size_t)C_ * TP),
       z((size_t)C_ * TP), s((size_t)C_ * TP), g((size_t)C_ * TP), gx((size_t)L_ * C_ * TP),
       score((size_t)max_k * TP), alpha((size_t)max_k * TP), dalpha((size_t)max_k * TP),
-      ex((size_t)L_ * C_ * TP), emax((size_t)L_ * TP), esum((size_t)L_ * TP), ex_ready((size_t)L_, 0) {}
+      ex((size_t)L_ * C_ * TP), emax((size_t)L_ * TP), esum((size_t)L_ * TP), ex_ready((size_t)L_, 0),
+      mix((size_t)C_ * MIX_ROW) {}
   float* xs(int stage, int c) { return &x[((size_t)stage * C + c) * TP]; }
   float* gxs(int stage, int c) { return &gx[((size_t)stage * C + c) * TP]; }
   float* exs(int stage) { return &ex[(size_t)stage * C * TP]; }
+  float* mixes(int c) { return &mix[(size_t)c * MIX_ROW]; }
 };
 
 }  // namespace

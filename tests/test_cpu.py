@@ -251,6 +251,7 @@ def test_tiles_with_and_without_unit_weights(case):
     ((23, 19), [(5, 4), (11, 9), (12, 19), (23, 19)]),                # odd, non-integer ratios
     ((224, 96), [(7, 3), (14, 6), (28, 12), (56, 24)]),               # 1/32 .. 1/4, EMCAD-like
     ((9, 10, 11), [(2, 3, 3), (5, 5, 6), (9, 10, 11), (4, 10, 11)]),  # 3D, mixed axes
+    ((7, 70), [(3, 69), (7, 67), (4, 35), (7, 70)]),  # barely coarser along W: 17 columns per 16 pixels
 ])
 def test_native_resolution_heads(target_sp, head_sps):
     """Upsampling fused into the kernel equals F.interpolate + loss; grads at native resolution."""
