@@ -65,7 +65,7 @@ std::vector<Item> make_items(const Problem& p) {
   return items;
 }
 
-constexpr int MIX_ROW = TP + 32;
+constexpr int MIX_ROW = TP + 32;  // floats per class in Tile::mix (below)
 
 // Per-thread tile buffers.
 struct Tile {
