@@ -63,13 +63,19 @@ def check_params(name: str, tensors: Optional[Sequence[Tensor]], shapes: Sequenc
 
 
 def dense_awf(awf_weight: Sequence[Tensor], awf_bias: Sequence[Tensor], awf_param: str, num_stages: int):
-    """Per-subset dense awf parameters: lists of V_S (|S|, |S|·C) and c_S (|S|,), in subset order."""
+    """Per-subset dense awf parameters: lists of V_S (|S|, |S|·C) and c_S (|S|,), in subset order.
+
+    Official: subsets of one size share one block-diagonal V, made once per size (not once per subset:
+    fewer small ops and autograd nodes per step)."""
     vs, cs = [], []
+    block_diagonal = {}
     for j, s in enumerate(spec.subsets(num_stages)):
         if awf_param == "official":
             k = len(s)
-            w = awf_weight[k - 2]
-            vs.append(torch.block_diag(*[w[m:m + 1] for m in range(k)]))
+            if k not in block_diagonal:
+                w = awf_weight[k - 2]
+                block_diagonal[k] = torch.block_diag(*[w[m:m + 1] for m in range(k)])
+            vs.append(block_diagonal[k])
             cs.append(awf_bias[k - 2])
         else:
             vs.append(awf_weight[j])
