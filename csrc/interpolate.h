@@ -234,6 +234,17 @@ inline void add_chunk_sums(const WChunk& w, __m512 g, float* dst) {
 }
 #endif
 
+// One class's column sums of a segment (acc: sg.nw of them) added into the m mixed native rows of its
+// gradient buffer (bc: the class's plane from the segment's first column), each by its row weight.
+template <class T>
+inline void add_to_mixed_rows(const Segment& sg, const T* __restrict acc, double* bc) {
+  for (int r = 0; r < sg.m; ++r) {
+    double* __restrict row = bc + sg.off[r];
+    const double wt = sg.wt[r];
+    for (int64_t q = 0; q < sg.nw; ++q) row[q] += wt * (double)acc[q];
+  }
+}
+
 // The adjoint of interpolate_stage: tl.gxs(i, ·) at tile pixels [p0, p0 + n) added into buf, stage
 // i's native gradient of one sample (C planes of `plane` doubles, holding native flat indices from
 // `first` on), along W first, then into the mixed rows. Along W, native column q receives the pixels
@@ -256,15 +267,7 @@ void scatter_stage(const Problem& pr, const Stage& S, int i, int64_t p0, int n, 
         const __m512 g = _mm512_maskz_loadu_ps(ch[j].valid, tl.gxs(i, c) + sg.p + ch[j].at);
         add_chunk_sums(ch[j], g, tl.mixes(c));
       }
-    for (int c = 0; c < C; ++c) {
-      const float* __restrict acc = tl.mixes(c);
-      double* bc = buf + (size_t)c * plane + sg.w_lo - first;
-      for (int r = 0; r < sg.m; ++r) {
-        double* __restrict row = bc + sg.off[r];
-        const double wt = sg.wt[r];
-        for (int64_t q = 0; q < sg.nw; ++q) row[q] += wt * (double)acc[q];
-      }
-    }
+    for (int c = 0; c < C; ++c) add_to_mixed_rows(sg, tl.mixes(c), buf + (size_t)c * plane + sg.w_lo - first);
 #else
     int run0[TP + 2], run1[TP + 2];
     for (int q = 0, t0 = 0, t1 = 0; q <= sg.nw; ++q) {
@@ -288,9 +291,7 @@ void scatter_stage(const Problem& pr, const Stage& S, int i, int64_t p0, int n, 
       prefix_sums(u1, len, s1);
       for (int64_t q = 0; q < sg.nw; ++q)
         acc[q] = (s0[run0[q + 1]] - s0[run0[q]]) + (s1[run1[q + 1]] - s1[run1[q]]);
-      double* bc = buf + (size_t)c * plane + sg.w_lo - first;
-      for (int r = 0; r < sg.m; ++r)
-        for (int64_t q = 0; q < sg.nw; ++q) bc[sg.off[r] + q] += (double)sg.wt[r] * acc[q];
+      add_to_mixed_rows(sg, acc, buf + (size_t)c * plane + sg.w_lo - first);
     }
 #endif
   });
