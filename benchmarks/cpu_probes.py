@@ -1,0 +1,135 @@
+"""Where the fused CPU kernels' time goes outside the per-map functions: wrong-results probe builds.
+
+    python benchmarks/cpu_probes.py                          # synapse2d, two threads, 8 rounds
+    python benchmarks/cpu_probes.py --config ct3d-native --pairs 4 --threads 1
+
+``make cycles`` times each per-tile function with the tile in L1; this asks what the library does around
+them. It builds this working tree's kernels several times, each with one change to the pass over the
+work items (a source patch in a temporary copy: the results are wrong on purpose, only the time counts),
+loads them all into one process and times their raw forward and backward alternately on the same inputs
+(``ab.in_process_pairs``, the order reversed every other round). The probes:
+
+- **kernels**: unchanged;
+- **maps twice**: every tile's maps computed twice (the stages' exponentials made again): the increment
+  is the maps' work as the library runs it — a lower bound, since the second pass finds the tile's
+  data, statistics partials and parameter partials warm (so "everything else" is an upper bound);
+- **no maps**: no map at all — the streaming alone: the tile loads (logits, labels, target sums), the
+  backward's zeroed tile gradients and gradient stores, the flushes and reductions;
+- **L2-resident logits**: every tile's logits read from the first 4096 pixels of its rows (an
+  L2-resident window): the time the loads wait on memory that the next tile's prefetch does not hide;
+- **no gradient stores**: the backward's gradient rows not written.
+
+It prints each probe's medians (markdown) and the split they imply. With native-resolution heads the
+resampled stages' interpolation is part of "no maps" (the L2-resident probe moves only the stages at
+output resolution).
+"""
+from __future__ import annotations
+
+import argparse
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
+sys.path.insert(0, str(HERE))
+from ab import in_process_pairs, library  # noqa: E402  (one place for the timing and the library names)
+
+# (file, the source text, its replacement): each must match exactly once in this tree's csrc/.
+FORWARD_MAPS = "        forward_maps(pr, ly, tl, lanes);\n"
+BACKWARD_MAPS = "        backward_maps(pr, ly, tl, gce, ginter, qgz.data(), B, item.b, dp);\n"
+RESET_EXPS = "        std::fill(tl.ex_ready.begin(), tl.ex_ready.end(), 0);\n"
+PROBES = {
+    "kernels": [],
+    "maps twice": [
+        ("lomix_cpu.cpp", FORWARD_MAPS, FORWARD_MAPS + RESET_EXPS + FORWARD_MAPS),
+        ("lomix_cpu.cpp", BACKWARD_MAPS, BACKWARD_MAPS + RESET_EXPS + BACKWARD_MAPS),
+    ],
+    "no maps": [
+        ("lomix_cpu.cpp", FORWARD_MAPS, ""),
+        ("lomix_cpu.cpp", BACKWARD_MAPS, "        std::fill(tl.gx.begin(), tl.gx.end(), 0.0f);\n"),
+    ],
+    "L2-resident logits": [
+        ("interpolate.h", "const int64_t off = (b * C + c) * P + p0;", "const int64_t off = (b * C + c) * P + p0 % 4096;"),
+        ("interpolate.h", "pr.pixels + p0 + TP) * es;", "pr.pixels + p0 % 4096 + TP) * es;"),
+    ],
+    "no gradient stores": [
+        ("lomix_cpu.cpp", "        store_gradient_rows(pr, stages, item.b, p0, n, tl, grad_logits);\n", ""),
+    ],
+}
+
+
+def patched_sources(patches: list) -> dict:
+    """{file name: text} of this tree's csrc/ files that ``patches`` change, with the patches applied."""
+    texts = {}
+    for file, old, new in patches:
+        text = texts.get(file, (ROOT / "csrc" / file).read_text())
+        if text.count(old) != 1:
+            raise SystemExit(f"cpu_probes.py: csrc/{file} changed; update the probe patch for {old.strip()!r}")
+        texts[file] = text.replace(old, new)
+    return texts
+
+
+def build_probe(patches: list, into: Path) -> None:
+    """This tree's csrc/ (with ``patches`` applied) and build files, compiled in place under ``into``."""
+    shutil.copytree(ROOT / "csrc", into / "csrc")
+    for name in ("setup.py", "pyproject.toml"):
+        shutil.copy(ROOT / name, into / name)
+    (into / "lomix_kernels").mkdir()
+    shutil.copy(ROOT / "lomix_kernels" / "__init__.py", into / "lomix_kernels" / "__init__.py")
+    for file, text in patched_sources(patches).items():
+        (into / "csrc" / file).write_text(text)
+    subprocess.run([sys.executable, "setup.py", "-q", "build_ext", "--inplace"], cwd=into, check=True,
+                   capture_output=True)
+
+
+def split(med: dict) -> list:
+    """(label, forward ms, backward ms) rows of the split the probes' medians ``med`` ({probe: (forward,
+    backward)}) imply; None where a probe does not apply."""
+    k, twice = med["kernels"], med["maps twice"]
+    maps = [t - x for t, x in zip(twice, k)]
+    return [
+        ("the maps as the library runs them, at least (maps twice − kernels)", *maps),
+        ("everything else, at most (kernels − that)", *[x - m for x, m in zip(k, maps)]),
+        ("… of which waiting on the logits' loads (kernels − L2-resident)",
+         *[x - r for x, r in zip(k, med["L2-resident logits"])]),
+        ("… of which the gradient stores (kernels − no stores; backward)", None, k[1] - med["no gradient stores"][1]),
+        ("the streaming alone, not overlapped (no maps)", *med["no maps"]),
+    ]
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--config", default="synapse2d")
+    ap.add_argument("--pairs", type=int, default=8, help="rounds of all probes, interleaved")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--variant", default="avx512")
+    args = ap.parse_args()
+
+    with tempfile.TemporaryDirectory() as tmp:
+        libs = {}
+        for name, patches in PROBES.items():
+            print(f"building: {name} ...", flush=True)
+            folder = Path(tmp) / name.replace(" ", "_")
+            folder.mkdir()
+            build_probe(patches, folder)
+            libs[name] = library(folder, args.variant)
+        times = in_process_pairs(args.config, libs, args.pairs, args.threads)
+
+    med = {name: (statistics.median(r[0] for r in rows), statistics.median(r[1] for r in rows))
+           for name, rows in times.items()}
+    print(f"\n{args.config}, {args.threads} thread(s), {args.variant}, medians of {args.pairs} interleaved rounds "
+          f"(raw kernels, ms)\n")
+    print("| probe | forward | backward |\n|---|---|---|")
+    for name, (f, b) in med.items():
+        print(f"| {name} | {f:.1f} | {b:.1f} |")
+    print("\n| split | forward | backward |\n|---|---|---|")
+    for label, *cells in split(med):
+        print(f"| {label} | " + " | ".join("—" if v is None else f"{v:.1f}" for v in cells) + " |")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,67 @@
+"""benchmarks/cpu_probes.py: the wrong-results probe builds behind the README's split of the CPU time."""
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+import cpu_probes  # noqa: E402
+from ab import library  # noqa: E402
+
+import lomix_kernels as lk  # noqa: E402
+from lomix_kernels import cpu  # noqa: E402
+from lomix_kernels.fused import Plan, packed_params  # noqa: E402
+
+pytestmark = pytest.mark.skipif(not cpu.available(), reason=cpu.unavailable_reason())
+
+
+@pytest.mark.parametrize("probe", [p for p in cpu_probes.PROBES if cpu_probes.PROBES[p]])
+def test_every_probe_patch_applies_to_this_tree(probe):
+    # a patch that no longer matches csrc/ must stop the tool, not build the unchanged kernels
+    patched = cpu_probes.patched_sources(cpu_probes.PROBES[probe])
+    for file, text in patched.items():
+        assert text != (cpu_probes.ROOT / "csrc" / file).read_text()
+    for file, _, new in cpu_probes.PROBES[probe]:
+        assert new in patched[file]
+
+
+def test_a_stale_patch_stops_the_tool():
+    with pytest.raises(SystemExit, match="csrc/lomix_cpu.cpp changed"):
+        cpu_probes.patched_sources([("lomix_cpu.cpp", "no such line\n", "")])
+
+
+def test_split_of_the_medians():
+    med = {"kernels": (30.0, 50.0), "maps twice": (56.0, 95.0), "no maps": (3.0, 4.5),
+           "L2-resident logits": (28.5, 49.0), "no gradient stores": (30.0, 49.5)}
+    rows = {label.split(" (")[0]: cells for label, *cells in cpu_probes.split(med)}
+    assert rows["the maps as the library runs them, at least"] == [26.0, 45.0]
+    assert rows["everything else, at most"] == [4.0, 5.0]
+    assert rows["… of which waiting on the logits' loads"] == [1.5, 1.0]
+    assert rows["… of which the gradient stores"] == [None, 0.5]
+    assert rows["the streaming alone, not overlapped"] == [3.0, 4.5]
+
+
+def test_the_no_maps_probe_builds_and_accumulates_no_map_statistics(tmp_path):
+    # the probe library runs on real inputs and its patch took effect: the target sums are made, the
+    # per-map sums are not (the unchanged kernels' are not zero)
+    cpu_probes.build_probe(cpu_probes.PROBES["no maps"], tmp_path)
+    probe = cpu._open(library(tmp_path, cpu.variant()))
+    L, C = 3, 4
+    torch.manual_seed(0)
+    logits = [torch.randn(2, C, 9, 7) for _ in range(L)]
+    target = torch.randint(0, C, (2, 9, 7))
+    crit = lk.LoMixLoss(L, C, backend="cpu")
+    params = [p.detach() for p in packed_params(crit.maps, L, C, crit.cat_weight, crit.cat_bias, crit.awf_weight,
+                                                crit.awf_bias, "official", torch.device("cpu"))]
+    plan = Plan.build(crit.maps, L, C, crit.options(), "official")
+    loaded = cpu._LIB
+    try:
+        kernels = cpu.CpuKernels.forward(plan, logits, target, None, params)
+        cpu._LIB = probe
+        probed = cpu.CpuKernels.forward(plan, logits, target, None, params)
+    finally:
+        cpu._LIB = loaded
+    assert kernels.ce.abs().sum() > 0 and probed.ce.abs().sum() == 0 and probed.inter.abs().sum() == 0
+    torch.testing.assert_close(probed.tsum, kernels.tsum)
+    torch.testing.assert_close(probed.count, kernels.count)
