@@ -44,13 +44,35 @@ def library(folder: Path, variant: str) -> str:
     return found
 
 
+# What building the kernel libraries needs, relative to the checkout (build_revision, cpu_probes.py).
+BUILD_FILES = ("csrc", "setup.py", "pyproject.toml", "lomix_kernels/__init__.py")
+
+
+def build_in_place(folder: Path) -> None:
+    """Compile the kernel libraries (all variants) of the BUILD_FILES under ``folder``, next to them."""
+    subprocess.run([sys.executable, "setup.py", "-q", "build_ext", "--inplace"], cwd=folder, check=True,
+                   capture_output=True)
+
+
 def build_revision(rev: str, into: Path) -> None:
     """REV's csrc/ and setup.py, compiled in place (all of its variants) under ``into``."""
-    archive = subprocess.run(["git", "-C", str(ROOT), "archive", rev, "csrc", "setup.py", "pyproject.toml",
-                              "lomix_kernels/__init__.py"], capture_output=True, check=True).stdout
+    archive = subprocess.run(["git", "-C", str(ROOT), "archive", rev, *BUILD_FILES], capture_output=True,
+                             check=True).stdout
     subprocess.run(["tar", "-x", "-C", str(into)], input=archive, check=True)
-    subprocess.run([sys.executable, "setup.py", "-q", "build_ext", "--inplace"], cwd=into, check=True,
-                   capture_output=True)
+    build_in_place(into)
+
+
+def raw_kernel_args(crit):
+    """(plan, params) that ``lomix_kernels.cpu.CpuKernels.forward``/``backward`` take for ``crit``'s maps:
+    its Plan and its packed parameters, detached (the raw kernels, no autograd)."""
+    import torch
+
+    from lomix_kernels.fused import Plan, packed_params
+
+    L, C = crit.num_stages, crit.num_classes
+    params = [p.detach() for p in packed_params(crit.maps, L, C, crit.cat_weight, crit.cat_bias, crit.awf_weight,
+                                                crit.awf_bias, crit.awf_param, torch.device("cpu"))]
+    return Plan.build(crit.maps, L, C, crit.options(), crit.awf_param), params
 
 
 def in_process_pairs(config: str, libraries: dict, pairs: int, threads: int = 0, scale: float = 1.0) -> dict:
@@ -63,7 +85,6 @@ def in_process_pairs(config: str, libraries: dict, pairs: int, threads: int = 0,
     import torch
 
     from lomix_kernels import cpu
-    from lomix_kernels.fused import Plan, packed_params
     from run import make_problem
 
     import lomix_kernels as lk
@@ -72,9 +93,7 @@ def in_process_pairs(config: str, libraries: dict, pairs: int, threads: int = 0,
         torch.set_num_threads(threads)
     B, C, L, spatial, heads, logits, target = make_problem(config, scale)
     crit = lk.LoMixLoss(L, C, backend="cpu")
-    params = [p.detach() for p in packed_params(crit.maps, L, C, crit.cat_weight, crit.cat_bias, crit.awf_weight,
-                                                crit.awf_bias, "official", torch.device("cpu"))]
-    plan = Plan.build(crit.maps, L, C, crit.options(), "official")
+    plan, params = raw_kernel_args(crit)
     raw_logits = [z.detach() for z in logits]
     torch.manual_seed(1)
     stat_grads = [torch.randn(len(crit.maps), B, C) * 1e-3 for _ in range(3)]

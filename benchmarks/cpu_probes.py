@@ -28,7 +28,6 @@ from __future__ import annotations
 import argparse
 import shutil
 import statistics
-import subprocess
 import sys
 import tempfile
 from pathlib import Path
@@ -36,7 +35,8 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 sys.path.insert(0, str(HERE))
-from ab import in_process_pairs, library  # noqa: E402  (one place for the timing and the library names)
+# ab.py: one place for the build, the timing and the library names
+from ab import BUILD_FILES, build_in_place, in_process_pairs, library  # noqa: E402
 
 # (file, the source text, its replacement): each must match exactly once in this tree's csrc/.
 FORWARD_MAPS = "        forward_maps(pr, ly, tl, lanes);\n"
@@ -74,16 +74,18 @@ def patched_sources(patches: list) -> dict:
 
 
 def build_probe(patches: list, into: Path) -> None:
-    """This tree's csrc/ (with ``patches`` applied) and build files, compiled in place under ``into``."""
-    shutil.copytree(ROOT / "csrc", into / "csrc")
-    for name in ("setup.py", "pyproject.toml"):
-        shutil.copy(ROOT / name, into / name)
-    (into / "lomix_kernels").mkdir()
-    shutil.copy(ROOT / "lomix_kernels" / "__init__.py", into / "lomix_kernels" / "__init__.py")
+    """This tree's build files (``ab.BUILD_FILES``) with ``patches`` applied to csrc/, compiled in place
+    under ``into``."""
+    for name in BUILD_FILES:
+        source, target = ROOT / name, into / name
+        if source.is_dir():
+            shutil.copytree(source, target)
+        else:
+            target.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy(source, target)
     for file, text in patched_sources(patches).items():
         (into / "csrc" / file).write_text(text)
-    subprocess.run([sys.executable, "setup.py", "-q", "build_ext", "--inplace"], cwd=into, check=True,
-                   capture_output=True)
+    build_in_place(into)
 
 
 def split(med: dict) -> list:

@@ -7,7 +7,7 @@ import torch
 
 import lomix_kernels as lk
 from lomix_kernels import cpu
-from lomix_kernels.fused import Plan, packed_params
+from ab import raw_kernel_args
 
 pytestmark = pytest.mark.skipif(not cpu.available(), reason=cpu.unavailable_reason())
 
@@ -24,9 +24,7 @@ def _setup(name):
     crit = lk.LoMixLoss(L, C, backend="cpu")
     logits = [torch.randn(B, C, *[s // (2 ** (L + 1 - i) if native else 1) for s in spatial]) for i in range(L)]
     target = torch.randint(0, C, (B, *spatial))
-    params = [p.detach() for p in packed_params(crit.maps, L, C, crit.cat_weight, crit.cat_bias, crit.awf_weight,
-                                                crit.awf_bias, "official", torch.device("cpu"))]
-    plan = Plan.build(crit.maps, L, C, crit.options(), "official")
+    plan, params = raw_kernel_args(crit)
     grads = [torch.randn(len(crit.maps), B, C) * 1e-3 for _ in range(3)]
     return plan, logits, target, params, grads
 

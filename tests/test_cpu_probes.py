@@ -7,11 +7,10 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 import cpu_probes  # noqa: E402
-from ab import library  # noqa: E402
+from ab import library, raw_kernel_args  # noqa: E402
 
 import lomix_kernels as lk  # noqa: E402
 from lomix_kernels import cpu  # noqa: E402
-from lomix_kernels.fused import Plan, packed_params  # noqa: E402
 
 pytestmark = pytest.mark.skipif(not cpu.available(), reason=cpu.unavailable_reason())
 
@@ -52,9 +51,7 @@ def test_the_no_maps_probe_builds_and_accumulates_no_map_statistics(tmp_path):
     logits = [torch.randn(2, C, 9, 7) for _ in range(L)]
     target = torch.randint(0, C, (2, 9, 7))
     crit = lk.LoMixLoss(L, C, backend="cpu")
-    params = [p.detach() for p in packed_params(crit.maps, L, C, crit.cat_weight, crit.cat_bias, crit.awf_weight,
-                                                crit.awf_bias, "official", torch.device("cpu"))]
-    plan = Plan.build(crit.maps, L, C, crit.options(), "official")
+    plan, params = raw_kernel_args(crit)
     loaded = cpu._LIB
     try:
         kernels = cpu.CpuKernels.forward(plan, logits, target, None, params)
