@@ -72,10 +72,10 @@ struct Tile {
   int L, C, n = 0;                 // n valid pixels in the current tile
   aligned_vector<float> x, t, tw, z, s, g, gx, score, alpha, dalpha;  // tw = w·t (forward: target_stats)
   aligned_vector<float> ex, emax, esum;  // per stage: exp(x - max_c x) (C×TP), the max and Σ_c (TP), once per tile
+  std::vector<char> ex_ready;      // ... computed yet for this tile (load_tile resets it)
   aligned_vector<float> mix;             // C×MIX_ROW: a segment's mixed native rows (interpolate_stage) or its
                                          // column sums (scatter_stage): at most TP + 1 columns, and the permute's
                                          // second table register reads 32 floats from the last
-  std::vector<char> ex_ready;      // ... computed yet for this tile (load_tile resets it)
   const float* probs = nullptr;    // the current map's activation: tl.s, or (an original map) its stage's ex
   alignas(ALIGN) float w[TP];
   bool unit_weights = false;       // every w is 1 (a full tile, nothing ignored, no pixel weights): the
