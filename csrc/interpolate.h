@@ -299,7 +299,9 @@ void scatter_stage(const Problem& pr, const Stage& S, int i, int64_t p0, int n, 
 
 // The logit rows of the next tile of sample b ([p0 + TP, p0 + 2·TP), when whole) of the stages at output
 // resolution, asked into L2 while this tile computes: L·C rows of TP pixels are more streams than the
-// hardware prefetcher follows (raw forward ~3% faster, backward ~0.5%: benchmarks/CPU_LOG.md).
+// hardware prefetcher follows. The load's wait (rdtsc, synapse2d, one thread): ~2400 cycles per tile
+// without, ~1300 with; but the maps then run slower by about the difference (the lines arriving compete
+// with their own L2 traffic), so the step gains < 1% here (benchmarks/CPU_LOG.md, the session after 4055296).
 inline void prefetch_next_tile(const Problem& pr, const std::vector<Stage>& stages, int64_t b, int64_t p0) {
   if (p0 + 2 * TP > pr.pixels) return;
   const size_t es = logit_bytes(pr);
@@ -307,7 +309,7 @@ inline void prefetch_next_tile(const Problem& pr, const std::vector<Stage>& stag
     if (stages[i].resampled) continue;
     for (int64_t c = 0; c < pr.classes; ++c) {
       const char* next = (const char*)pr.logits[i] + ((b * pr.classes + c) * pr.pixels + p0 + TP) * es;
-      for (size_t o = 0; o < TP * es; o += 64) __builtin_prefetch(next + o, 0, 1);
+      for (size_t o = 0; o < TP * es; o += 64) prefetch_l2(next + o);
     }
   }
 }

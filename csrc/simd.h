@@ -87,6 +87,13 @@ typedef float vf __attribute__((vector_size(VW * 4), aligned(4)));
 constexpr int NV = TP / VW;
 static_assert(TP % VW == 0, "TP must be a multiple of the vector width");
 struct Row { vf v[NV]; };
+// Ask for the cache line at p in L2 (a hint: nothing waits for it). The empty volatile asm is what keeps it:
+// gcc 12 takes a function whose only effect is __builtin_prefetch for a pure one and deletes the calls to it,
+// so until this helper the next tile's prefetch (interpolate.h) compiled to nothing (benchmarks/CPU_LOG.md).
+inline void prefetch_l2(const void* p) {
+  __builtin_prefetch(p, 0, 1);
+  asm volatile("" : : "r"(p));
+}
 inline vf vmax(vf a, vf b) { return a > b ? a : b; }  // (one vmaxps)
 // a in every lane: one vbroadcastss (from memory where a is loaded). Not `vf{} + a`: gcc must keep that
 // addition (+0 + −0 is +0): a scalar add, then a register broadcast on the shuffle port. a − 0 is a for

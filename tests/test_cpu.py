@@ -1,5 +1,7 @@
 """Fused CPU backend (csrc/) against the float64 reference: loss, logits grads, parameter grads."""
 import os
+import re
+import shutil
 import subprocess
 import sys
 
@@ -21,6 +23,19 @@ def test_build_present():
     forced = os.environ.get(cpu.ISA_ENV)
     assert cpu.variant() == (forced or max((v for v in cpu._built_variants() if v in cpu.LEVELS),
                                            key=lambda v: (cpu.LEVELS[v] <= _cpu_level(), cpu.LEVELS[v])))
+
+
+@pytest.mark.parametrize("variant", [v for v in sorted(cpu._built_variants()) if v in ("avx512", "avx2")])
+def test_next_tile_prefetch_is_compiled(variant):
+    """The kernels ask for the next tile's logits while a tile computes (csrc/interpolate.h,
+    prefetch_next_tile). gcc 12 deleted every call to it while it called __builtin_prefetch directly (a
+    function whose only effect is a prefetch counts as pure), and no build had a prefetch instruction for
+    many sessions; simd.h's prefetch_l2 keeps it. Each x86 variant's library must contain one."""
+    objdump = shutil.which("objdump")
+    assert objdump, "objdump (binutils, installed with gcc) is needed to read the built kernels"
+    code = subprocess.run([objdump, "-d", cpu._built_variants()[variant]], capture_output=True, text=True,
+                          check=True).stdout
+    assert re.search(r"\bprefetch(t[012]|nta)\b", code), f"no prefetch instruction in the {variant} kernels"
 
 
 def _cpu_level() -> int:
