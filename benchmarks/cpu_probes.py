@@ -22,6 +22,15 @@ loads them all into one process and times their raw forward and backward alterna
 It prints each probe's medians (markdown) and the split they imply. With native-resolution heads the
 resampled stages' interpolation is part of "no maps" (the L2-resident probe moves only the stages at
 output resolution).
+
+    python benchmarks/cpu_probes.py --phases --threads 1   # x86: time stamp counter ticks per tile
+
+``--phases`` asks the tile's phases instead (how the next tile's prefetch was found never to have been
+compiled): the kernels and the **L1-resident logits** probe (every tile reads its sample's first tile) are
+built with the time stamp counter read around each phase of the pass over a tile — the forward's tile load
+and maps, the backward's tile load, maps and gradient stores — summed over the threads, and it prints
+the median ticks per tile of each. The loads' difference between the two is their wait on memory; a
+change that only moves a wait from one phase to another shows up as such.
 """
 from __future__ import annotations
 
@@ -42,6 +51,7 @@ from ab import BUILD_FILES, build_in_place, in_process_pairs, library  # noqa: E
 FORWARD_MAPS = "        forward_maps(pr, ly, tl, lanes);\n"
 BACKWARD_MAPS = "        backward_maps(pr, ly, tl, gce, ginter, qgz.data(), B, item.b, dp);\n"
 RESET_EXPS = "        std::fill(tl.ex_ready.begin(), tl.ex_ready.end(), 0);\n"
+STORES = "        store_gradient_rows(pr, stages, item.b, p0, n, tl, grad_logits);\n"
 PROBES = {
     "kernels": [],
     "maps twice": [
@@ -57,9 +67,36 @@ PROBES = {
         ("interpolate.h", "pr.pixels + p0 + TP) * es;", "pr.pixels + p0 % 4096 + TP) * es;"),
     ],
     "no gradient stores": [
-        ("lomix_cpu.cpp", "        store_gradient_rows(pr, stages, item.b, p0, n, tl, grad_logits);\n", ""),
+        ("lomix_cpu.cpp", STORES, ""),
     ],
 }
+
+# --phases: ticks of the time stamp counter around each phase, summed in probe_ticks (atomics: every thread's)
+# and read and reset through lomix_cpu_phase_ticks; slots 5 and 6 count the forward's and backward's tiles.
+PHASES = ["forward: tile load", "forward: maps", "backward: tile load", "backward: maps", "backward: gradient stores"]
+FORWARD_LOAD = "        load_tile(pr, stages, item.b, p0, n, tl, true, errs[it]);\n"
+BACKWARD_LOAD = "        load_tile(pr, stages, item.b, p0, n, tl, false, errs[it]);\n"
+
+
+def _timed(line: str, slot: int, count_slot: int = -1) -> tuple:
+    count = f" probe_ticks[{count_slot}].fetch_add(1);" if count_slot >= 0 else ""
+    return ("lomix_cpu.cpp", line, "        { const uint64_t probe_t0 = __rdtsc();\n" + line
+            + f"        probe_ticks[{slot}].fetch_add(__rdtsc() - probe_t0);{count} }}\n")
+
+
+PHASE_TIMERS = [
+    ("interpolate.h", '#include "layout.h"\n',
+     '#include "layout.h"\n#include <atomic>\n#include <x86intrin.h>\n'
+     "static std::atomic<uint64_t> probe_ticks[7];  // cpu_probes.py --phases\n"),
+    _timed(FORWARD_LOAD, 0, 5), _timed(FORWARD_MAPS, 1), _timed(BACKWARD_LOAD, 2, 6), _timed(BACKWARD_MAPS, 3),
+    _timed(STORES, 4),
+    ("lomix_cpu.cpp", 'extern "C" {\n', 'extern "C" {\nvoid lomix_cpu_phase_ticks(double* out) {  // cpu_probes.py\n'
+     "  for (int i = 0; i < 7; ++i) out[i] = (double)probe_ticks[i].exchange(0);\n}\n"),
+]
+L1_RESIDENT_LOGITS = [
+    ("interpolate.h", "const int64_t off = (b * C + c) * P + p0;", "const int64_t off = (b * C + c) * P + p0 % TP;"),
+    ("interpolate.h", "pr.pixels + p0 + TP) * es;", "pr.pixels + p0 % TP) * es;"),
+]
 
 
 def patched_sources(patches: list) -> dict:
@@ -103,23 +140,88 @@ def split(med: dict) -> list:
     ]
 
 
+def phase_ticks(config: str, libraries: dict, rounds: int, threads: int) -> dict:
+    """{name: [[ticks per tile of each of PHASES], ...]} of libraries built with PHASE_TIMERS, their raw
+    forward and backward run alternately on ``config``'s inputs (``ab.in_process_pairs``' problem)."""
+    import ctypes
+
+    import torch
+
+    import lomix_kernels as lk
+    from lomix_kernels import cpu
+    from run import make_problem
+
+    from ab import raw_kernel_args
+
+    if threads:
+        torch.set_num_threads(threads)
+    B, C, L, spatial, heads, logits, target = make_problem(config, 1.0)
+    plan, params = raw_kernel_args(lk.LoMixLoss(L, C, backend="cpu"))
+    raw = [z.detach() for z in logits]
+    torch.manual_seed(1)
+    stat_grads = [torch.randn(plan.num_maps, B, C) * 1e-3 for _ in range(3)]
+    opened = {name: cpu._open(path) for name, path in libraries.items()}
+    loaded, ticks = cpu._LIB, (ctypes.c_double * 7)()
+
+    def one(lib):
+        cpu._LIB = lib
+        lib.lomix_cpu_phase_ticks(ticks)  # (reset)
+        cpu.CpuKernels.forward(plan, raw, target, None, params)
+        grads = cpu.CpuKernels.backward(plan, raw, target, None, params, *stat_grads)
+        del grads  # (back to the library's pool)
+        lib.lomix_cpu_phase_ticks(ticks)
+        fwd_tiles, bwd_tiles = max(ticks[5], 1.0), max(ticks[6], 1.0)
+        return [t / n for t, n in zip(ticks[:5], (fwd_tiles, fwd_tiles, bwd_tiles, bwd_tiles, bwd_tiles))]
+
+    out = {name: [] for name in opened}
+    try:
+        for lib in opened.values():
+            one(lib)  # warm-up
+        for i in range(rounds):
+            for name, lib in (list(opened.items()) if i % 2 == 0 else list(opened.items())[::-1]):
+                out[name].append(one(lib))
+    finally:
+        cpu._LIB = loaded
+    return out
+
+
+def build_all(builds: dict, tmp: str, variant: str) -> dict:
+    """{name: the ``variant`` library} of each build ({name: patches}), built under ``tmp``."""
+    libs = {}
+    for name, patches in builds.items():
+        print(f"building: {name} ...", flush=True)
+        folder = Path(tmp) / name.replace(" ", "_")
+        folder.mkdir()
+        build_probe(patches, folder)
+        libs[name] = library(folder, variant)
+    return libs
+
+
+def main_phases(args) -> None:
+    builds = {"kernels": PHASE_TIMERS, "L1-resident logits": L1_RESIDENT_LOGITS + PHASE_TIMERS}
+    with tempfile.TemporaryDirectory() as tmp:
+        rows = phase_ticks(args.config, build_all(builds, tmp, args.variant), args.pairs, args.threads)
+    print(f"\n{args.config}, {args.threads} thread(s), {args.variant}, medians of {args.pairs} rounds: time stamp "
+          "counter ticks per tile\n")
+    print("| phase | " + " | ".join(rows) + " |\n|---|" + "---|" * len(rows))
+    for k, phase in enumerate(PHASES):
+        print(f"| {phase} | " + " | ".join(f"{statistics.median(r[k] for r in rows[n]):.0f}" for n in rows) + " |")
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--config", default="synapse2d")
     ap.add_argument("--pairs", type=int, default=8, help="rounds of all probes, interleaved")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--variant", default="avx512")
+    ap.add_argument("--phases", action="store_true", help="ticks per tile of each phase (x86), see above")
     args = ap.parse_args()
+    if args.phases:
+        main_phases(args)
+        return
 
     with tempfile.TemporaryDirectory() as tmp:
-        libs = {}
-        for name, patches in PROBES.items():
-            print(f"building: {name} ...", flush=True)
-            folder = Path(tmp) / name.replace(" ", "_")
-            folder.mkdir()
-            build_probe(patches, folder)
-            libs[name] = library(folder, args.variant)
-        times = in_process_pairs(args.config, libs, args.pairs, args.threads)
+        times = in_process_pairs(args.config, build_all(PROBES, tmp, args.variant), args.pairs, args.threads)
 
     med = {name: (statistics.median(r[0] for r in rows), statistics.median(r[1] for r in rows))
            for name, rows in times.items()}

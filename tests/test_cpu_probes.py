@@ -62,3 +62,41 @@ def test_the_no_maps_probe_builds_and_accumulates_no_map_statistics(tmp_path):
     assert kernels.ce.abs().sum() > 0 and probed.ce.abs().sum() == 0 and probed.inter.abs().sum() == 0
     torch.testing.assert_close(probed.tsum, kernels.tsum)
     torch.testing.assert_close(probed.count, kernels.count)
+
+
+@pytest.mark.parametrize("patches", [cpu_probes.PHASE_TIMERS, cpu_probes.L1_RESIDENT_LOGITS + cpu_probes.PHASE_TIMERS])
+def test_the_phase_timers_apply_to_this_tree(patches):
+    patched = cpu_probes.patched_sources(patches)
+    for file, _, new in patches:
+        assert new in patched[file]
+
+
+@pytest.mark.skipif(cpu.cpu_level() < 1, reason="--phases reads the x86 time stamp counter")
+def test_the_phase_timers_count_every_tile_and_phase(tmp_path):
+    # the timed build runs on real inputs, counts the forward's and the backward's tiles alike and puts
+    # ticks on every phase; reading resets the counters
+    import ctypes
+
+    cpu_probes.build_probe(cpu_probes.PHASE_TIMERS, tmp_path)
+    timed = cpu._open(library(tmp_path, cpu.variant()))
+    L, C, B = 3, 4, 2
+    torch.manual_seed(0)
+    logits = [torch.randn(B, C, 9, 7) for _ in range(L)]
+    target = torch.randint(0, C, (B, 9, 7))
+    plan, params = raw_kernel_args(lk.LoMixLoss(L, C, backend="cpu"))
+    grads = [torch.randn(plan.num_maps, B, C) for _ in range(3)]
+    ticks = (ctypes.c_double * 7)()
+    loaded = cpu._LIB
+    try:
+        cpu._LIB = timed
+        timed.lomix_cpu_phase_ticks(ticks)
+        cpu.CpuKernels.forward(plan, logits, target, None, params)
+        cpu.CpuKernels.backward(plan, logits, target, None, params, *grads)
+        timed.lomix_cpu_phase_ticks(ticks)
+        again = (ctypes.c_double * 7)()
+        timed.lomix_cpu_phase_ticks(again)
+    finally:
+        cpu._LIB = loaded
+    assert all(ticks[k] > 0 for k in range(5))
+    assert ticks[5] == ticks[6] and B <= ticks[5] <= B * 9  # at least a tile per sample, at most one per row
+    assert list(again) == [0.0] * 7
