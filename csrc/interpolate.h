@@ -299,9 +299,10 @@ void scatter_stage(const Problem& pr, const Stage& S, int i, int64_t p0, int n, 
 
 // The logit rows of the next tile of sample b ([p0 + TP, p0 + 2·TP), when whole) of the stages at output
 // resolution, asked into L2 while this tile computes: L·C rows of TP pixels are more streams than the
-// hardware prefetcher follows. The load's wait (rdtsc, synapse2d, one thread): ~2400 cycles per tile
-// without, ~1300 with; but the maps then run slower by nearly the difference (the lines arriving compete
-// with their own L2 traffic), so the raw kernels gain ~1% on synapse2d, ~3.5% on ct3d here (CPU_LOG.md).
+// hardware prefetcher follows. The load's wait (rdtsc, synapse2d, one thread): ~2400 time stamp counter
+// ticks per tile without, ~1300 with; but the maps then run slower by nearly the difference (the lines
+// arriving compete with their own L2 traffic), so the raw kernels gain ~1% on synapse2d, ~3.5% on ct3d
+// here (benchmarks/CPU_LOG.md).
 inline void prefetch_next_tile(const Problem& pr, const std::vector<Stage>& stages, int64_t b, int64_t p0) {
   if (p0 + 2 * TP > pr.pixels) return;
   const size_t es = logit_bytes(pr);
