@@ -75,16 +75,12 @@ def raw_kernel_args(crit):
     return Plan.build(crit.maps, L, C, crit.options(), crit.awf_param), params
 
 
-def in_process_pairs(config: str, libraries: dict, pairs: int, threads: int = 0, scale: float = 1.0) -> dict:
-    """{name: [(raw forward ms, raw backward ms, step ms), ...]}: each library in ``libraries`` ({name:
-    path}) timed alternately in this process on ``config``'s inputs (order reversed every other pair), on
-    ``threads`` threads (0: torch's default), spatial sizes scaled by ``scale``. Each library's gradient
-    buffers stay in its own pool."""
-    import time
-
+def raw_problem(config: str, scale: float = 1.0, threads: int = 0):
+    """``(crit, logits, target, plan, params, raw_logits, stat_grads)``: ``config``'s inputs (spatial sizes
+    scaled by ``scale``), its loss module, the raw kernels' arguments (``raw_kernel_args``), the logits
+    detached and seeded statistic gradients — on ``threads`` threads (0: torch's default)."""
     import torch
 
-    from lomix_kernels import cpu
     from run import make_problem
 
     import lomix_kernels as lk
@@ -94,14 +90,47 @@ def in_process_pairs(config: str, libraries: dict, pairs: int, threads: int = 0,
     B, C, L, spatial, heads, logits, target = make_problem(config, scale)
     crit = lk.LoMixLoss(L, C, backend="cpu")
     plan, params = raw_kernel_args(crit)
-    raw_logits = [z.detach() for z in logits]
     torch.manual_seed(1)
     stat_grads = [torch.randn(len(crit.maps), B, C) * 1e-3 for _ in range(3)]
+    return crit, logits, target, plan, params, [z.detach() for z in logits], stat_grads
+
+
+def alternate(libraries: dict, rounds: int, one) -> dict:
+    """{name: [one(), ...]}: each kernel library of ``libraries`` ({name: path}) loaded in turn (the one
+    ``lomix_kernels.cpu`` calls) for a call of ``one``, first once each as a warm-up (first-touch pages,
+    thread pools), then ``rounds`` times, the order reversed every other round; the loaded library is
+    restored at the end."""
+    from lomix_kernels import cpu
+
     opened = {name: cpu._open(path) for name, path in libraries.items()}
     loaded = cpu._LIB
+    out = {name: [] for name in opened}
+    try:
+        for lib in opened.values():
+            cpu._LIB = lib  # (CpuKernels calls the library through cpu._library())
+            one()
+        for i in range(rounds):
+            order = list(opened.items()) if i % 2 == 0 else list(opened.items())[::-1]
+            for name, lib in order:
+                cpu._LIB = lib
+                out[name].append(one())
+    finally:
+        cpu._LIB = loaded
+    return out
 
-    def one(lib):
-        cpu._LIB = lib  # (CpuKernels calls the library through cpu._library())
+
+def in_process_pairs(config: str, libraries: dict, pairs: int, threads: int = 0, scale: float = 1.0) -> dict:
+    """{name: [(raw forward ms, raw backward ms, step ms), ...]}: each library in ``libraries`` ({name:
+    path}) timed alternately in this process on ``config``'s inputs (order reversed every other pair), on
+    ``threads`` threads (0: torch's default), spatial sizes scaled by ``scale``. Each library's gradient
+    buffers stay in its own pool."""
+    import time
+
+    from lomix_kernels import cpu
+
+    crit, logits, target, plan, params, raw_logits, stat_grads = raw_problem(config, scale, threads)
+
+    def one():
         for z in logits:
             z.grad = None  # (the last step's gradients back to their library's pool)
         crit.zero_grad(set_to_none=True)
@@ -116,19 +145,11 @@ def in_process_pairs(config: str, libraries: dict, pairs: int, threads: int = 0,
         t4 = time.perf_counter()
         return (t1 - t0) * 1e3, (t2 - t1) * 1e3, (t4 - t3) * 1e3
 
-    times = {name: [] for name in opened}
     try:
-        for lib in opened.values():
-            one(lib)  # warm-up: first-touch pages, thread pools
-        for i in range(pairs):
-            order = list(opened.items()) if i % 2 == 0 else list(opened.items())[::-1]
-            for name, lib in order:
-                times[name].append(one(lib))
+        return alternate(libraries, pairs, one)
     finally:
         for z in logits:
             z.grad = None
-        cpu._LIB = loaded
-    return times
 
 
 def summary(rev: str, config: str, what: str, base: list, current: list) -> str:

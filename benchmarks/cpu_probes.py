@@ -45,7 +45,7 @@ HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 sys.path.insert(0, str(HERE))
 # ab.py: one place for the build, the timing and the library names
-from ab import BUILD_FILES, build_in_place, in_process_pairs, library  # noqa: E402
+from ab import BUILD_FILES, alternate, build_in_place, in_process_pairs, library, raw_problem  # noqa: E402
 
 # (file, the source text, its replacement): each must match exactly once in this tree's csrc/.
 FORWARD_MAPS = "        forward_maps(pr, ly, tl, lanes);\n"
@@ -142,47 +142,24 @@ def split(med: dict) -> list:
 
 def phase_ticks(config: str, libraries: dict, rounds: int, threads: int) -> dict:
     """{name: [[ticks per tile of each of PHASES], ...]} of libraries built with PHASE_TIMERS, their raw
-    forward and backward run alternately on ``config``'s inputs (``ab.in_process_pairs``' problem)."""
+    forward and backward run alternately on ``config``'s inputs (``ab.raw_problem``, ``ab.alternate``)."""
     import ctypes
 
-    import torch
-
-    import lomix_kernels as lk
     from lomix_kernels import cpu
-    from run import make_problem
 
-    from ab import raw_kernel_args
+    _, _, target, plan, params, raw, stat_grads = raw_problem(config, 1.0, threads)
+    ticks = (ctypes.c_double * 7)()
 
-    if threads:
-        torch.set_num_threads(threads)
-    B, C, L, spatial, heads, logits, target = make_problem(config, 1.0)
-    plan, params = raw_kernel_args(lk.LoMixLoss(L, C, backend="cpu"))
-    raw = [z.detach() for z in logits]
-    torch.manual_seed(1)
-    stat_grads = [torch.randn(plan.num_maps, B, C) * 1e-3 for _ in range(3)]
-    opened = {name: cpu._open(path) for name, path in libraries.items()}
-    loaded, ticks = cpu._LIB, (ctypes.c_double * 7)()
-
-    def one(lib):
-        cpu._LIB = lib
-        lib.lomix_cpu_phase_ticks(ticks)  # (reset)
+    def one():
+        cpu._LIB.lomix_cpu_phase_ticks(ticks)  # (reset)
         cpu.CpuKernels.forward(plan, raw, target, None, params)
         grads = cpu.CpuKernels.backward(plan, raw, target, None, params, *stat_grads)
         del grads  # (back to the library's pool)
-        lib.lomix_cpu_phase_ticks(ticks)
+        cpu._LIB.lomix_cpu_phase_ticks(ticks)
         fwd_tiles, bwd_tiles = max(ticks[5], 1.0), max(ticks[6], 1.0)
         return [t / n for t, n in zip(ticks[:5], (fwd_tiles, fwd_tiles, bwd_tiles, bwd_tiles, bwd_tiles))]
 
-    out = {name: [] for name in opened}
-    try:
-        for lib in opened.values():
-            one(lib)  # warm-up
-        for i in range(rounds):
-            for name, lib in (list(opened.items()) if i % 2 == 0 else list(opened.items())[::-1]):
-                out[name].append(one(lib))
-    finally:
-        cpu._LIB = loaded
-    return out
+    return alternate(libraries, rounds, one)
 
 
 def build_all(builds: dict, tmp: str, variant: str) -> dict:
