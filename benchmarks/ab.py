@@ -44,6 +44,15 @@ def library(folder: Path, variant: str) -> str:
     return found
 
 
+def loaded_variant() -> str:
+    """The ISA variant ``lomix_kernels.cpu`` loads on this CPU (the tools' default ``--variant``)."""
+    from lomix_kernels import cpu
+
+    if not cpu.available():
+        raise SystemExit(f"no CPU kernels loaded: {cpu.unavailable_reason()}")
+    return cpu.variant()
+
+
 # What building the kernel libraries needs, relative to the checkout (build_revision, cpu_probes.py).
 BUILD_FILES = ("csrc", "setup.py", "pyproject.toml", "lomix_kernels/__init__.py")
 
@@ -168,10 +177,11 @@ def main():
     ap.add_argument("--config", default="synapse2d")
     ap.add_argument("--pairs", type=int, default=8)
     ap.add_argument("--repeats", type=int, default=5, help="timed steps per run (median)")
-    ap.add_argument("--variant", default="avx512", help="which ISA variant's library to compare")
+    ap.add_argument("--variant", default=None, help="which ISA variant's library to compare (default: the one this CPU loads)")
     ap.add_argument("--in-process", action="store_true", help="time the raw kernels of both libraries in one process")
     ap.add_argument("--threads", type=int, default=0, help="with --in-process: kernel threads (1 is the steadiest)")
     args = ap.parse_args()
+    args.variant = args.variant or loaded_variant()
     current = library(ROOT, args.variant)
     with tempfile.TemporaryDirectory() as tmp:
         print(f"building {args.rev} ...", flush=True)

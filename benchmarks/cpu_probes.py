@@ -45,7 +45,8 @@ HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 sys.path.insert(0, str(HERE))
 # ab.py: one place for the build, the timing and the library names
-from ab import BUILD_FILES, alternate, build_in_place, in_process_pairs, library, raw_problem  # noqa: E402
+from ab import (BUILD_FILES, alternate, build_in_place, in_process_pairs, library, loaded_variant,  # noqa: E402
+                raw_problem)
 
 # (file, the source text, its replacement): each must match exactly once in this tree's csrc/.
 FORWARD_MAPS = "        forward_maps(pr, ly, tl, lanes);\n"
@@ -190,9 +191,10 @@ def main():
     ap.add_argument("--config", default="synapse2d")
     ap.add_argument("--pairs", type=int, default=8, help="rounds of all probes, interleaved")
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--variant", default="avx512")
+    ap.add_argument("--variant", default=None, help="the ISA variant to build the probes of (default: the one this CPU loads)")
     ap.add_argument("--phases", action="store_true", help="ticks per tile of each phase (x86), see above")
     args = ap.parse_args()
+    args.variant = args.variant or loaded_variant()
     if args.phases:
         main_phases(args)
         return
