@@ -17,10 +17,11 @@ import time
 
 # Vector operations one exponential costs in csrc/simd.h's exp_nonpositive_v: with AVX-512 the scaling
 # to base 2 1, the range reduction 1 (vreduceps), polynomial 5, scale by 2^floor 1 (vscalefps); otherwise
-# clamp 2 (compare, blend), n 2 (an FMA with 1.5·2^23 and a subtraction), range reduction 1, polynomial 5,
-# scale by 2^n 3 (shift, add, multiply).
+# clamp 1 (vmaxps), n 2 (an FMA with 1.5·2^23 + 127 and a subtraction), range reduction 1, polynomial 5,
+# scale by 2^n 2 (shift, multiply; 13 before the session after 2f4e2ca: a compare-and-blend clamp, the bias
+# added after the shift).
 # A logarithm (fast_log, ~22) is counted at the same price (one per map, against 2C exponentials).
-CPU_EXP_OPS = {"avx512": 8, "native": 8, "avx2": 13, "portable": 13}
+CPU_EXP_OPS = {"avx512": 8, "native": 8, "avx2": 11, "portable": 11}
 LANES = {"avx512": 16, "native": 16, "avx2": 8, "portable": 4}
 
 
@@ -95,6 +96,6 @@ def cpu_floor(crit, pixels: int, logits_mb: float, target_mb: float, threads: in
     """floor_compute_s, floor_memory_s and floor_s of one fused CPU forward+backward."""
     ops, exps = work_per_pixel(crit)
     peak = threads * LANES.get(variant, 4) * vector_fma_rate()
-    compute = (ops + exps * CPU_EXP_OPS.get(variant, 13)) * pixels / peak
+    compute = (ops + exps * CPU_EXP_OPS.get(variant, 11)) * pixels / peak
     memory = 2 ** 20 * (3 * logits_mb + 2 * target_mb) / cpu_copy_bandwidth()
     return {"floor_compute_s": compute, "floor_memory_s": memory, "floor_s": max(compute, memory)}

@@ -5,17 +5,20 @@
 
 namespace {
 
-// NB output classes c.. of a cat map (a 1x1 conv over the members' classes) per pass: each member
-// row is loaded once for the NB rows.
+// NB output classes c.. of a cat map (a 1x1 conv over the members' classes) per pass, BLOCK_NV pixel
+// vectors at a time: each member vector is loaded once for the NB rows.
 template <int NB>
 inline void cat_rows(const float* W, const float* bias, int c, int k, int C, const int32_t* mem, Tile& tl,
                      float* z) {
   const int64_t K = (int64_t)k * C;
-  Row acc[NB];
-  for (int b = 0; b < NB; ++b) acc[b] = row_splat(bias[c + b]);
-  for (int j = 0; j < k; ++j)
-    for (int c2 = 0; c2 < C; ++c2) rows_fma<NB>(acc, W + c * K + j * C + c2, K, tl.xs(mem[j], c2));
-  for (int b = 0; b < NB; ++b) row_store(z + (size_t)(c + b) * TP, acc[b]);
+  for (int h = 0; h < NV; h += BLOCK_NV) {
+    const int o = VW * h;
+    Vecs<BLOCK_NV> acc[NB];
+    for (int b = 0; b < NB; ++b) acc[b] = row_splat<BLOCK_NV>(bias[c + b]);
+    for (int j = 0; j < k; ++j)
+      for (int c2 = 0; c2 < C; ++c2) rows_fma<NB>(acc, W + c * K + j * C + c2, K, tl.xs(mem[j], c2) + o);
+    for (int b = 0; b < NB; ++b) row_store(z + (size_t)(c + b) * TP + o, acc[b]);
+  }
 }
 
 // Build map u of the current tile. Returns a pointer to its C×TP logits (either a stage's

@@ -86,7 +86,9 @@ constexpr int VW = 4;
 typedef float vf __attribute__((vector_size(VW * 4), aligned(4)));
 constexpr int NV = TP / VW;
 static_assert(TP % VW == 0, "TP must be a multiple of the vector width");
-struct Row { vf v[NV]; };
+template <int N>
+struct Vecs { vf v[N]; };  // N pixel vectors held together (registers, where they fit)
+using Row = Vecs<NV>;      // a whole tile row
 // Ask for the cache line at p in L2 (a hint: nothing waits for it). The empty volatile asm is what keeps it:
 // gcc 12 takes a function whose only effect is __builtin_prefetch for a pure one and deletes the calls to it,
 // so until this helper the next tile's prefetch (interpolate.h) compiled to nothing (benchmarks/CPU_LOG.md).
@@ -94,16 +96,32 @@ inline void prefetch_l2(const void* p) {
   __builtin_prefetch(p, 0, 1);
   asm volatile("" : : "r"(p));
 }
-inline vf vmax(vf a, vf b) { return a > b ? a : b; }  // (one vmaxps)
+// max(a, b) per lane, a > b ? a : b (b where either is NaN): one vmaxps. By intrinsic: gcc lowers the
+// conditional to vmaxps only for AVX-512 vectors — an AVX2 build made each a compare and a blend.
+inline vf vmax(vf a, vf b) {
+#if defined(__AVX512F__)
+  return (vf)_mm512_max_ps((__m512)a, (__m512)b);
+#elif defined(__AVX__)
+  return (vf)_mm256_max_ps((__m256)a, (__m256)b);
+#elif defined(__SSE__)
+  return (vf)_mm_max_ps((__m128)a, (__m128)b);
+#else
+  return a > b ? a : b;
+#endif
+}
 // a in every lane: one vbroadcastss (from memory where a is loaded). Not `vf{} + a`: gcc must keep that
 // addition (+0 + −0 is +0): a scalar add, then a register broadcast on the shuffle port. a − 0 is a for
 // every a, so the subtraction folds away.
 inline vf splat(float a) { return a - vf{}; }
-inline Row row_splat(float a) { Row r; for (int i = 0; i < NV; ++i) r.v[i] = splat(a); return r; }
-inline Row row_load(const float* p) { Row r; for (int i = 0; i < NV; ++i) r.v[i] = *(const vf*)(p + VW * i); return r; }
-inline void row_store(float* p, const Row& r) { for (int i = 0; i < NV; ++i) *(vf*)(p + VW * i) = r.v[i]; }
-inline void row_fma(Row& acc, float w, const float* x) {  // acc += w * x
-  for (int i = 0; i < NV; ++i) acc.v[i] += w * *(const vf*)(x + VW * i);
+template <int N = NV>
+inline Vecs<N> row_splat(float a) { Vecs<N> r; for (int i = 0; i < N; ++i) r.v[i] = splat(a); return r; }
+template <int N = NV>
+inline Vecs<N> row_load(const float* p) { Vecs<N> r; for (int i = 0; i < N; ++i) r.v[i] = *(const vf*)(p + VW * i); return r; }
+template <int N>
+inline void row_store(float* p, const Vecs<N>& r) { for (int i = 0; i < N; ++i) *(vf*)(p + VW * i) = r.v[i]; }
+template <int N>
+inline void row_fma(Vecs<N>& acc, float w, const float* x) {  // acc += w * x
+  for (int i = 0; i < N; ++i) acc.v[i] += w * *(const vf*)(x + VW * i);
 }
 // exp(x) of VW lanes at once for x ≤ 0 (the softmax's shifted logits). With AVX-512, as 2^y, y = x·log2 e:
 // r = y − floor(y) ∈ [0, 1) by one vreduceps, 2^r by exp2_unit, and the scale by 2^floor(y) by one
@@ -111,22 +129,22 @@ inline void row_fma(Row& acc, float w, const float* x) {  // acc += w * x
 // operations per VW exponentials, and exp(0) = 1 exactly (the max class of a softmax; an awf attention
 // gradient that cancels to ~1e-6 of its terms needs it: tests/test_cpu.py's gap-120 case). y's rounding
 // (2^-24 of |y|) is a relative error of the value below 6e-8·|x|: ≤ 2e-8 of the class sum. Otherwise
-// fast_exp's method: n = round(x·log2 e) by adding and subtracting 1.5·2^23, r = x − n·ln2, 2^n from
-// the sum's bits: 13 operations (a compare-and-blend clamp; shift, add, multiply for 2^n).
+// fast_exp's method: n = round(x·log2 e) by adding and subtracting 1.5·2^23 + 127, r = x − n·ln2, 2^n from
+// the sum's bits: 11 operations (a vmaxps clamp; FMA and subtraction for n, FMA for r, 5 polynomial
+// FMAs, a shift and a multiplication for 2^n; 13 before, with a compare-and-blend clamp and the bias
+// added after the shift).
 inline vf exp_nonpositive_v(vf x) {
 #if defined(__AVX512F__) && defined(__AVX512DQ__)  // (vreduceps is AVX512DQ: in every x86-64-v4 CPU)
   const vf y = x * 1.44269504088896341f;
   const vf r = (vf)_mm512_reduce_ps((__m512)y, _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC);
   return (vf)_mm512_scalef_ps((__m512)exp2_unit(r), (__m512)y);
 #else
-  const vf lo = vf{} - 87.3f;
-  const vf shifter = vf{} + 12582912.0f;  // 1.5 * 2^23: round-to-nearest by addition
-  x = x < lo ? lo : x;
-  const vf t = x * 1.44269504088896341f + shifter;  // t's low mantissa bits hold n (mod 2^9)
+  const vf shifter = vf{} + 12583039.0f;  // 1.5·2^23 + 127: round-to-nearest by addition, the bias added
+  x = vmax(vf{} - 87.3f, x);  // (n ≥ −126: 2^n normal)
+  const vf t = x * 1.44269504088896341f + shifter;  // t's low 9 mantissa bits hold n + 127 ∈ [1, 127]
   const vf n = t - shifter;
   typedef int32_t vi __attribute__((vector_size(VW * 4)));
-  const vi e = ((vi)t << 23) + (127 << 23);  // 2^n: (1.5·2^23's own low bits are zero)
-  return exp_reduced(x, n) * (vf)e;
+  return exp_reduced(x, n) * (vf)((vi)t << 23);  // 2^n: n + 127 shifted into the exponent field
 #endif
 }
 
@@ -165,17 +183,35 @@ inline vf reciprocal_v(vf x) {
 constexpr int PIXEL_GROUP = NV < 4 ? NV : 4;
 static_assert(NV % PIXEL_GROUP == 0, "a tile's vectors split into whole pixel groups");
 
-// Rows updated together in the 1x1-conv ("cat") loops, so that each loaded row feeds CAT_BLOCK
-// accumulator rows: 4 with AVX-512 (16 of its 32 registers hold them), 2 otherwise.
-constexpr int CAT_BLOCK = NV <= 4 ? 4 : 2;
-// g rows held together in the cat weight gradient (adjoint.h): 4 with AVX-512 (16 registers), else 1
-// (two AVX2 rows would take all 16 of its registers).
-constexpr int DW_BLOCK = NV <= 4 ? 4 : 1;
+// Pixel vectors whose class sums a softmax's exponentials carry in registers (stats.h, shifted_exps): the
+// whole row with AVX-512; 4 with AVX2, whose 16 registers also hold the exponential's ~9 constants.
+constexpr int EXP_GROUP = NV <= 4 ? NV : 4;
+
+// Pixel vectors per block of accumulators where whole rows would not fit the registers: a whole row with
+// AVX-512 (4 of its 32 registers), half a row with AVX2 (a row is 8 of its 16).
+constexpr int BLOCK_NV = NV <= 4 ? NV : 4;
+// The 1x1-conv ("cat") loops in register blocks: CAT_BLOCK accumulator rows of BLOCK_NV pixel vectors, so
+// each loaded vector feeds CAT_BLOCK rows. AVX-512: 4 whole rows (16 of its 32 registers). AVX2: 3 half
+// rows (12 of its 16 registers; 2 whole rows, 16 registers, spilled: benchmarks/CPU_LOG.md).
+constexpr int CAT_BLOCK = NV <= 4 ? 4 : 3;
+// The cat weight gradient: DW_BLOCK g rows held together. AVX-512: 4 whole rows (16 registers), each x row
+// loaded once for them. AVX2: 3 g rows × DW_XBLOCK x rows of sums (12 registers) over the tile's vectors,
+// each loaded vector feeding 3 or 4 sums (a whole g row alone, 8 registers, made one 8-FMA chain per x row).
+constexpr int DW_BLOCK = NV <= 4 ? 4 : 3;
+constexpr int DW_XBLOCK = NV <= 4 ? 1 : 4;
 
 // Calls f(std::integral_constant<int, NB>{}, c0) over blocks of NB = B consecutive rows that cover
 // rows 0..C−1, the last block taking the remainder. With B = 4 (AVX-512) a remainder of one row joins
 // the last full block (5 rows: 20 of the 32 registers): a 1-row block runs 4 dependent chains, too few
 // to fill the FMA pipes (C = 9: 4 + 5 instead of 4 + 4 + 1); 2 or 3 left rows form their own block.
+// Otherwise the C mod B rows left form one block.
+template <int R, class F>
+inline void remainder_block(int r, int c, F&& f) {  // f(std::integral_constant<int, r>{}, c) for 0 < r ≤ R
+  if constexpr (R > 0) {
+    if (r == R) return f(std::integral_constant<int, R>{}, c);
+    remainder_block<R - 1>(r, c, f);
+  }
+}
 template <int B, class F>
 inline void for_row_blocks(int C, F&& f) {
   int c = 0;
@@ -189,21 +225,23 @@ inline void for_row_blocks(int C, F&& f) {
     }
     if (C - c == 3) return f(std::integral_constant<int, 3>{}, c);
     if (C - c == 2) return f(std::integral_constant<int, 2>{}, c);
+    for (; c < C; ++c) f(std::integral_constant<int, 1>{}, c);
   } else {
     for (; c + B <= C; c += B) f(std::integral_constant<int, B>{}, c);
+    remainder_block<B - 1>(C - c, c, f);
   }
-  for (; c < C; ++c) f(std::integral_constant<int, 1>{}, c);
 }
-template <int NB>
-inline void rows_fma(Row (&acc)[NB], const float* w, int64_t w_stride, const float* x) {  // acc[b] += w[b·stride]·x
-  const Row xr = row_load(x);
+template <int NB, int N>
+inline void rows_fma(Vecs<N> (&acc)[NB], const float* w, int64_t w_stride, const float* x) {  // acc[b] += w[b·stride]·x
+  const Vecs<N> xr = row_load<N>(x);
   for (int b = 0; b < NB; ++b) {
     const float wb = w[b * w_stride];
-    for (int i = 0; i < NV; ++i) acc[b].v[i] += wb * xr.v[i];
+    for (int i = 0; i < N; ++i) acc[b].v[i] += wb * xr.v[i];
   }
 }
-inline void row_fma(Row& acc, const float* a, const float* x) {  // acc += a ⊙ x
-  for (int i = 0; i < NV; ++i) acc.v[i] += *(const vf*)(a + VW * i) * *(const vf*)(x + VW * i);
+template <int N>
+inline void row_fma(Vecs<N>& acc, const float* a, const float* x) {  // acc += a ⊙ x
+  for (int i = 0; i < N; ++i) acc.v[i] += *(const vf*)(a + VW * i) * *(const vf*)(x + VW * i);
 }
 
 // Parameter gradients: per tile, each is a dot product over the TP pixels, accumulated into one VW-lane

@@ -18,14 +18,16 @@ inline void shifted_exps(const float* __restrict z, int C, float* __restrict e, 
     if (C % 2 == 0) m0 = vmax(*(const vf*)(z + (size_t)(C - 1) * TP + VW * i), m0);
     *(vf*)(m + VW * i) = vmax(m1, m0);
   }
-  vf acc[NV] = {};
-  for (int c = 0; c < C; ++c)
-    for (int i = 0; i < NV; ++i) {
-      const vf v = exp_nonpositive_v(*(const vf*)(z + (size_t)c * TP + VW * i) - *(const vf*)(m + VW * i));
-      *(vf*)(e + (size_t)c * TP + VW * i) = v;
-      acc[i] += v;
-    }
-  for (int i = 0; i < NV; ++i) *(vf*)(sum + VW * i) = acc[i];
+  for (int i0 = 0; i0 < NV; i0 += EXP_GROUP) {  // EXP_GROUP class sums in registers beside the exponential's constants
+    vf acc[EXP_GROUP] = {};
+    for (int c = 0; c < C; ++c)
+      for (int i = i0; i < i0 + EXP_GROUP; ++i) {
+        const vf v = exp_nonpositive_v(*(const vf*)(z + (size_t)c * TP + VW * i) - *(const vf*)(m + VW * i));
+        *(vf*)(e + (size_t)c * TP + VW * i) = v;
+        acc[i - i0] += v;
+      }
+    for (int i = 0; i < EXP_GROUP; ++i) *(vf*)(sum + VW * (i0 + i)) = acc[i];
+  }
 }
 
 // inv (and with_lse: lse) of unnormalized exponentials with shift m and class sum `sum` (TP), in
