@@ -20,7 +20,8 @@ import time
 # clamp 1 (vmaxps), n 2 (an FMA with 1.5·2^23 + 127 and a subtraction), range reduction 1, polynomial 5,
 # scale by 2^n 2 (shift, multiply; 13 before the session after 2f4e2ca: a compare-and-blend clamp, the bias
 # added after the shift).
-# A logarithm (fast_log, ~22) is counted at the same price (one per map, against 2C exponentials).
+# A logarithm (log_v: 16 operations with AVX-512, 17 otherwise) is counted at the same price (one per map,
+# against 2C exponentials).
 CPU_EXP_OPS = {"avx512": 8, "native": 8, "avx2": 11, "portable": 11}
 LANES = {"avx512": 16, "native": 16, "avx2": 8, "portable": 4}
 

@@ -148,22 +148,29 @@ inline vf exp_nonpositive_v(vf x) {
 #endif
 }
 
-#if defined(__AVX512F__)
-// log(x) of 16 lanes for positive, finite, normal x (a softmax's class sum). x = m·2^e with m ∈ [0.75, 1.5)
-// by vgetmantps, e = getexp(x) − getexp(m) (exact), and log m = 2·atanh(s), s = (m − 1)/(m + 1) ∈ [−1/7, 1/5]
-// (m − 1 exact): 2s + 2s·w·(1/3 + w/5 + w²/7 + w³/9), w = s², truncated at 1e-8 relative; e·ln 2 in two parts.
-// 16 vector operations (one a division) where fast_log's auto-vectorized form issues ~26.
+// log(x) of VW lanes for positive, finite, normal x (a softmax's class sum). x = m·2^e with m ∈ [0.75, 1.5)
+// (exact): with AVX-512 by vgetmantps and e = getexp(x) − getexp(m); otherwise from the bits,
+// e = (bits(x) − bits(0.75)) >> 23 (arithmetic shift: floor) and m = x with e taken off its exponent field.
+// log m = 2·atanh(s), s = (m − 1)/(m + 1) ∈ [−1/7, 1/5] (m − 1 exact): 2s + 2s·w·(1/3 + w/5 + w²/7 + w³/9),
+// w = s², truncated at 1e-8 relative; e·ln 2 in two parts. 16 vector operations with AVX-512, 17 with AVX2
+// (one a division), where fast_log's auto-vectorized form issues ~26.
 inline vf log_v(vf x) {
-  const __m512 m = _mm512_getmant_ps((__m512)x, _MM_MANT_NORM_p75_1p5, _MM_MANT_SIGN_src);
-  const vf e = (vf)_mm512_getexp_ps((__m512)x) - (vf)_mm512_getexp_ps(m);
-  const vf s = ((vf)m - 1.0f) / ((vf)m + 1.0f);
+#if defined(__AVX512F__)
+  const vf m = (vf)_mm512_getmant_ps((__m512)x, _MM_MANT_NORM_p75_1p5, _MM_MANT_SIGN_src);
+  const vf e = (vf)_mm512_getexp_ps((__m512)x) - (vf)_mm512_getexp_ps((__m512)m);
+#else
+  typedef int32_t vi __attribute__((vector_size(VW * 4)));
+  const vi k = ((vi)x - 0x3F400000) >> 23;  // (0x3F400000: the bits of 0.75)
+  const vf m = (vf)((vi)x - (k << 23));
+  const vf e = __builtin_convertvector(k, vf);
+#endif
+  const vf s = (m - 1.0f) / (m + 1.0f);
   const vf w = s * s;
   const vf q = ((w * 0.111111111111f + 0.142857142857f) * w + 0.2f) * w + 0.333333333333f;
   const vf s2 = s + s;
   const vf log_m = (s2 * w) * q + s2;
   return e * 0.693359375f + (e * -2.12194440e-4f + log_m);  // (ln 2 = 0.693359375 − 2.12194440e-4)
 }
-#endif
 
 // 1/x of VW lanes for x ≥ 1e-20 (a softmax's class sum). With AVX-512: the 14-bit reciprocal estimate
 // and one Newton step, r + r·(1 − x·r) (≤ 2 ulp, its bias ~4e-9: 3 vector operations where a 16-lane

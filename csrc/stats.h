@@ -44,11 +44,7 @@ bool finish_softmax(const float* __restrict m, const float* __restrict sum, Tile
       if (!ok[l]) return false;
   }
   if (with_lse) {
-#if defined(__AVX512F__)
     for (int i = 0; i < NV; ++i) *(vf*)(tl.lse + VW * i) = *(const vf*)(m + VW * i) + log_v(*(const vf*)(sum + VW * i));
-#else
-    for (int p = 0; p < TP; ++p) tl.lse[p] = m[p] + fast_log(sum[p]);
-#endif
   }
   for (int i = 0; i < NV; ++i) *(vf*)(tl.inv + VW * i) = reciprocal_v(*(const vf*)(sum + VW * i));
   return true;
