@@ -185,14 +185,11 @@ inline vf reciprocal_v(vf x) {
 #endif
 }
 
-// Pixel vectors of a tile processed side by side where a loop over the classes carries sums (adjoint.h):
-// 4 (three registers each, of 32 with AVX-512 and 16 with AVX2).
+// Pixel vectors of a tile processed side by side where a loop over the classes carries sums (adjoint.h; the
+// softmax's class sums in stats.h, beside the exponential's ~9 constants): 4 (three registers each in
+// adjoint.h, of 32 with AVX-512 and 16 with AVX2; AVX2's whole row, 8 sums, spilled in shifted_exps).
 constexpr int PIXEL_GROUP = NV < 4 ? NV : 4;
 static_assert(NV % PIXEL_GROUP == 0, "a tile's vectors split into whole pixel groups");
-
-// Pixel vectors whose class sums a softmax's exponentials carry in registers (stats.h, shifted_exps): the
-// whole row with AVX-512; 4 with AVX2, whose 16 registers also hold the exponential's ~9 constants.
-constexpr int EXP_GROUP = NV <= 4 ? NV : 4;
 
 // Pixel vectors per block of accumulators where whole rows would not fit the registers: a whole row with
 // AVX-512 (4 of its 32 registers), half a row with AVX2 (a row is 8 of its 16).

@@ -18,15 +18,15 @@ inline void shifted_exps(const float* __restrict z, int C, float* __restrict e, 
     if (C % 2 == 0) m0 = vmax(*(const vf*)(z + (size_t)(C - 1) * TP + VW * i), m0);
     *(vf*)(m + VW * i) = vmax(m1, m0);
   }
-  for (int i0 = 0; i0 < NV; i0 += EXP_GROUP) {  // EXP_GROUP class sums in registers beside the exponential's constants
-    vf acc[EXP_GROUP] = {};
+  for (int i0 = 0; i0 < NV; i0 += PIXEL_GROUP) {  // PIXEL_GROUP class sums in registers beside the exponential's constants
+    vf acc[PIXEL_GROUP] = {};
     for (int c = 0; c < C; ++c)
-      for (int i = i0; i < i0 + EXP_GROUP; ++i) {
+      for (int i = i0; i < i0 + PIXEL_GROUP; ++i) {
         const vf v = exp_nonpositive_v(*(const vf*)(z + (size_t)c * TP + VW * i) - *(const vf*)(m + VW * i));
         *(vf*)(e + (size_t)c * TP + VW * i) = v;
         acc[i - i0] += v;
       }
-    for (int i = 0; i < EXP_GROUP; ++i) *(vf*)(sum + VW * (i0 + i)) = acc[i];
+    for (int i = 0; i < PIXEL_GROUP; ++i) *(vf*)(sum + VW * (i0 + i)) = acc[i];
   }
 }
 
