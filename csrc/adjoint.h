@@ -156,6 +156,36 @@ inline void cat_weight_grad_rows(const float* g, int c, int k, int C, const int3
     }
 }
 
+// The adjoint of a mult map of K ≥ 3 members (z = Π_j x_j): gx_j += g · Π_{i<j} x_i · Π_{i>j} x_i, one pass
+// over g with the members' vectors, the prefix products (from g) and the suffix products in registers:
+// 3K − 3 operations per class vector (5 of them, 2(K − 1), the floor's) instead of K passes that each copy g,
+// multiply it by K − 1 rows and add it to a gradient row. Unrolled up to MULT_UNROLL members (L ≤ 5);
+// larger subsets take op_backward's loop.
+constexpr int MULT_UNROLL = 5;
+template <int K>
+inline void mult_adjoint(const float* __restrict g, const int32_t* mem, int C, Tile& tl) {
+  if constexpr (K >= 3) {
+    const float* x[K];
+    float* gx[K];
+    for (int j = 0; j < K; ++j) {
+      x[j] = tl.xs(mem[j], 0);
+      gx[j] = tl.gxs(mem[j], 0);
+    }
+    for (int e = 0; e < C * TP; e += VW) {
+      vf xv[K], suffix[K];  // suffix[j] = Π_{i>j} x_i (j < K − 1)
+      for (int j = 0; j < K; ++j) xv[j] = *(const vf*)(x[j] + e);
+      suffix[K - 2] = xv[K - 1];
+      for (int j = K - 3; j >= 0; --j) suffix[j] = suffix[j + 1] * xv[j + 1];
+      vf prefix = *(const vf*)(g + e);  // g · Π_{i<j} x_i
+      for (int j = 0; j < K - 1; ++j) {
+        *(vf*)(gx[j] + e) += prefix * suffix[j];
+        prefix *= xv[j];
+      }
+      *(vf*)(gx[K - 1] + e) += prefix;
+    }
+  }
+}
+
 // Push tl.g (dL/dz_u) through the operator of map u into tl.gx and the parameter partials.
 // dparams: one VW-lane partial per packed parameter (per thread, folded into double by the caller).
 void op_backward(const Problem& pr, const Layout& ly, int u, Tile& tl, vf* dparams) {
@@ -181,9 +211,9 @@ void op_backward(const Problem& pr, const Layout& ly, int u, Tile& tl, vf* dpara
         }
         break;
       }
-      for (int j = 0; j < k; ++j) {
-        float* __restrict gx = tl.gxs(mem[j], 0);
-        for (int e = 0; e < C * TP; ++e) gx[e] += g[e];
+      for (int e = 0; e < C * TP; e += VW) {  // every member in one pass over g
+        const vf gv = *(const vf*)(g + e);
+        for (int j = 0; j < k; ++j) *(vf*)(tl.gxs(mem[j], 0) + e) += gv;
       }
       break;
     case OP_MULT:
@@ -198,16 +228,18 @@ void op_backward(const Problem& pr, const Layout& ly, int u, Tile& tl, vf* dpara
         }
         break;
       }
-      for (int j = 0; j < k; ++j) {  // d/dz_j = g · Π_{i≠j} z_i (no division)
-        float* __restrict gx = tl.gxs(mem[j], 0);
-        float* __restrict tmp = tl.z.data();
-        std::memcpy(tmp, g, sizeof(float) * C * TP);
-        for (int i = 0; i < k; ++i) {
-          if (i == j) continue;
-          const float* __restrict xi = tl.xs(mem[i], 0);
-          for (int e = 0; e < C * TP; ++e) tmp[e] *= xi[e];
+      if (k <= MULT_UNROLL) {
+        remainder_block<MULT_UNROLL>(k, 0, [&](auto kk, int) { mult_adjoint<kk()>(g, mem, C, tl); });
+        break;
+      }
+      for (int e = 0; e < C * TP; e += VW) {  // d/dz_j = g · Π_{i≠j} z_i (no division), one pass over g
+        const vf gv = *(const vf*)(g + e);
+        for (int j = 0; j < k; ++j) {
+          vf p = gv;
+          for (int i = 0; i < k; ++i)
+            if (i != j) p *= *(const vf*)(tl.xs(mem[i], 0) + e);
+          *(vf*)(tl.gxs(mem[j], 0) + e) += p;
         }
-        for (int e = 0; e < C * TP; ++e) gx[e] += tmp[e];
       }
       break;
     case OP_CAT: {

@@ -33,20 +33,28 @@ const float* build_map(const Problem& pr, const Layout& ly, int u, Tile& tl) {
   switch (op) {
     case OP_ADD:
     case OP_MULT: {
-      const float* __restrict x0 = tl.xs(mem[0], 0);  // the first two members in one pass (no copy)
-      const float* __restrict x1 = tl.xs(mem[1], 0);
-      if (op == OP_ADD) {
-        for (int e = 0; e < C * TP; ++e) z[e] = x0[e] + x1[e];
-      } else {
-        for (int e = 0; e < C * TP; ++e) z[e] = x0[e] * x1[e];
-      }
-      for (int j = 2; j < k; ++j) {
-        const float* __restrict xj = tl.xs(mem[j], 0);
+      const float* __restrict x0 = tl.xs(mem[0], 0);
+      if (k == 2) {  // (most subsets)
+        const float* __restrict x1 = tl.xs(mem[1], 0);
         if (op == OP_ADD) {
-          for (int e = 0; e < C * TP; ++e) z[e] += xj[e];
+          for (int e = 0; e < C * TP; ++e) z[e] = x0[e] + x1[e];
         } else {
-          for (int e = 0; e < C * TP; ++e) z[e] *= xj[e];
+          for (int e = 0; e < C * TP; ++e) z[e] = x0[e] * x1[e];
         }
+        break;
+      }
+      // Every member in one pass, in member order ((x0 ∘ x1) ∘ x2 ...): z is written once, not read back
+      // and written again per member.
+      const float* __restrict x = tl.x.data();
+      const size_t stage = (size_t)C * TP;  // (member j's logits at x + mem[j]·stage)
+      for (int e = 0; e < C * TP; e += VW) {
+        vf v = *(const vf*)(x0 + e);
+        if (op == OP_ADD) {
+          for (int j = 1; j < k; ++j) v += *(const vf*)(x + mem[j] * stage + e);
+        } else {
+          for (int j = 1; j < k; ++j) v *= *(const vf*)(x + mem[j] * stage + e);
+        }
+        *(vf*)(z + e) = v;
       }
       break;
     }

@@ -104,6 +104,14 @@ def test_every_op_subset(ops):
     compare_to_reference(crit, logits, target)
 
 
+@pytest.mark.parametrize("B,sp", [(1, (6, 5)), (2, (9, 8))])
+def test_add_and_mult_maps_of_every_subset_size(B, sp):
+    """add and mult maps build and push back all their members in one pass (maps.h, adjoint.h): the mult
+    adjoint unrolled for k = 3..MULT_UNROLL (5) and a loop for larger subsets — L = 7 has k = 2..7."""
+    crit, logits, target = random_case("cpu", 7, 3, B, sp, native=False, ops=("add", "mult"), seed=7 + B)
+    compare_to_reference(crit, logits, target)
+
+
 @pytest.mark.parametrize("C", range(2, 17))
 def test_cat_row_blocks_every_class_count(C):
     """The cat loops split the C rows into register blocks (simd.h for_row_blocks: 4-row blocks, a
