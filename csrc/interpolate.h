@@ -252,6 +252,90 @@ inline void add_chunk_sums(const WChunk& w, __m512 g, float* dst) {
 }
 #endif
 
+#if defined(__AVX2__) && !defined(__AVX512F__)
+// ---- the interpolation adjoint's column sums in vectors (AVX2): the AVX-512 scheme above in 8 lanes ----
+// The groups' ends come from a scalar pass over the chunk's ≤ 8 columns (no compress in AVX2): it is made
+// once per chunk and shared by the C classes.
+struct WChunk8 {
+  int at, base0, base1;           // first pixel (from the segment's), first columns (from w_lo)
+  bool last1;                     // i1 reaches a 9th column (its sum in lane 7 goes on its own)
+  __m256i valid;                  // all ones on the lanes in the segment
+  __m256 l0, l1;                  // the corner weights (0 outside the segment)
+  __m256i end0, end1;             // each column's last lane
+  __m256 q0, q1;                  // all ones on the lanes of the columns the chunk reaches through i0, i1
+};
+
+template <int K>
+inline __m256 lanes_up8(__m256 x) {  // lane t gets x[t − K], zeros in
+  const __m256i idx = _mm256_setr_epi32((0 - K) & 7, (1 - K) & 7, (2 - K) & 7, (3 - K) & 7, (4 - K) & 7,
+                                        (5 - K) & 7, (6 - K) & 7, (7 - K) & 7);
+  return _mm256_blend_ps(_mm256_permutevar8x32_ps(x, idx), _mm256_setzero_ps(), (1 << K) - 1);
+}
+
+// The groups' ends of one corner's columns idx[0..nv) (nondecreasing) and the mask of its group lanes.
+inline void group_ends8(const int32_t* idx, int nv, __m256i& end, __m256& q) {
+  alignas(32) int32_t e[8] = {};
+  alignas(32) int32_t on[8] = {};
+  int groups = 0;
+  for (int t = 0; t < nv; ++t)
+    if (t == nv - 1 || idx[t + 1] != idx[t]) {
+      e[groups] = t;
+      on[groups++] = -1;
+    }
+  end = _mm256_load_si256((const __m256i*)e);
+  q = _mm256_castsi256_ps(_mm256_load_si256((const __m256i*)on));
+}
+
+// The chunks of a segment (at most TP / 8).
+inline int w_chunks8(const Axis& aw, const Segment& sg, WChunk8* ch) {
+  int nc = 0;
+  for (int at = 0; at < sg.len; at += 8, ++nc) {
+    WChunk8& w = ch[nc];
+    const int nv = std::min(8, sg.len - at);
+    const int64_t o = sg.ow + at;
+    w.at = at;
+    w.base0 = aw.i0[o] - (int)sg.w_lo;
+    w.base1 = aw.i1[o] - (int)sg.w_lo;
+    alignas(32) float l0[8] = {}, l1[8] = {};
+    for (int t = 0; t < nv; ++t) {
+      l0[t] = aw.l0[o + t];
+      l1[t] = aw.l1[o + t];
+    }
+    w.valid = _mm256_cmpgt_epi32(_mm256_set1_epi32(nv), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+    w.l0 = _mm256_load_ps(l0);
+    w.l1 = _mm256_load_ps(l1);
+    group_ends8(&aw.i0[o], nv, w.end0, w.q0);
+    group_ends8(&aw.i1[o], nv, w.end1, w.q1);
+    w.last1 = w.base1 != w.base0 && _mm256_movemask_ps(w.q1) >> 7;
+  }
+  return nc;
+}
+
+// The sums of a's lanes by group: an inclusive scan in the vector, each group's end picked by one
+// permute, minus the previous group's end.
+inline __m256 group_sums8(__m256 a, __m256i end) {
+  a = _mm256_add_ps(a, lanes_up8<1>(a));
+  a = _mm256_add_ps(a, lanes_up8<2>(a));
+  a = _mm256_add_ps(a, lanes_up8<4>(a));
+  const __m256 e = _mm256_permutevar8x32_ps(a, end);
+  return _mm256_sub_ps(e, lanes_up8<1>(e));
+}
+
+// A chunk's column sums of one class (g: its 8 gradients) added into dst (the segment's columns from w_lo
+// on): both corners' sums in one vector at base0, one load and one store of 8 columns (lanes past the
+// chunk's columns add zeros; a mix row has TP + 32 floats).
+inline void add_chunk_sums8(const WChunk8& w, __m256 g, float* dst) {
+  const __m256 s0 = _mm256_and_ps(w.q0, group_sums8(_mm256_mul_ps(w.l0, g), w.end0));
+  __m256 s1 = _mm256_and_ps(w.q1, group_sums8(_mm256_mul_ps(w.l1, g), w.end1));
+  if (w.base1 != w.base0) {
+    if (w.last1) dst[w.base1 + 7] += _mm256_cvtss_f32(_mm256_permutevar8x32_ps(s1, _mm256_set1_epi32(7)));
+    s1 = lanes_up8<1>(s1);
+  }
+  float* d = dst + w.base0;
+  _mm256_storeu_ps(d, _mm256_add_ps(_mm256_loadu_ps(d), _mm256_add_ps(s0, s1)));
+}
+#endif
+
 // One class's column sums of a segment (acc: sg.nw of them) added into the m mixed native rows of its
 // gradient buffer (bc: the class's plane from the segment's first column), each by its row weight.
 template <class T>
@@ -284,6 +368,16 @@ void scatter_stage(const Problem& pr, const Stage& S, int i, int64_t p0, int n, 
       for (int c = 0; c < C; ++c) {
         const __m512 g = _mm512_maskz_loadu_ps(ch[j].valid, tl.gxs(i, c) + sg.p + ch[j].at);
         add_chunk_sums(ch[j], g, tl.mixes(c));
+      }
+    for (int c = 0; c < C; ++c) add_to_mixed_rows(sg, tl.mixes(c), buf + (size_t)c * plane + sg.w_lo - first);
+#elif defined(__AVX2__)
+    WChunk8 ch[TP / 8];
+    const int nc = w_chunks8(aw, sg, ch);
+    for (int c = 0; c < C; ++c) std::fill(tl.mixes(c), tl.mixes(c) + sg.nw, 0.0f);  // column sums (sg.nw ≤ TP + 1)
+    for (int j = 0; j < nc; ++j)  // (chunk-major, as above)
+      for (int c = 0; c < C; ++c) {
+        const __m256 g = _mm256_maskload_ps(tl.gxs(i, c) + sg.p + ch[j].at, ch[j].valid);
+        add_chunk_sums8(ch[j], g, tl.mixes(c));
       }
     for (int c = 0; c < C; ++c) add_to_mixed_rows(sg, tl.mixes(c), buf + (size_t)c * plane + sg.w_lo - first);
 #else
