@@ -352,9 +352,11 @@ inline void add_to_mixed_rows(const Segment& sg, const T* __restrict acc, double
 // `first` on), along W first, then into the mixed rows. Along W, native column q receives the pixels
 // t in [run0[q], run0[q + 1]) through its i0 corner and [run1[q], run1[q + 1]) through i1 (both
 // nondecreasing in t). With AVX-512 each 16-pixel chunk's column sums come from a scan in the vector
-// (add_chunk_sums: float sums of at most 16 products, then added in double); otherwise each sum is a
-// difference of prefix sums in double over the exact products l·g. Either way vector work per pixel,
-// not a chain of dependent additions per column and class (those were ~68 ms of ct3d-native's backward).
+// (add_chunk_sums: float sums of at most 16 products, then added in double), with AVX2 each 8-pixel
+// chunk's (add_chunk_sums8; ct3d-native's tile loads and scatter 161 -> 127 ms against the prefix sums on
+// an AMD EPYC); otherwise each sum is a difference of prefix sums in double over the exact products l·g.
+// Either way vector work per pixel, not a chain of dependent additions per column and class (those were
+// ~68 ms of ct3d-native's backward).
 void scatter_stage(const Problem& pr, const Stage& S, int i, int64_t p0, int n, Tile& tl, double* buf,
                    int64_t plane, int64_t first) {
   const int C = (int)pr.classes;
