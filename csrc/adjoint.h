@@ -156,28 +156,44 @@ inline void cat_weight_grad_rows(const float* g, int c, int k, int C, const int3
     }
 }
 
-// The adjoint of a mult map of K ≥ 3 members (z = Π_j x_j): gx_j += g · Π_{i<j} x_i · Π_{i>j} x_i, one pass
-// over g with the members' vectors, the prefix products (from g) and the suffix products in registers:
-// 3K − 3 operations per class vector (benchmarks/floor.py counts 2(K − 1)) instead of K passes that each copy
-// g, multiply it by K − 1 rows and add it to a gradient row (make cycles: synapse2d's 11 mult maps, k = 2..4,
-// backward 736 -> 450 slots). Unrolled up to MULT_UNROLL members (L ≤ 5); larger subsets take op_backward's
-// loop (K(K − 1) operations, the same single pass). K < 3: nothing (op_backward's k = 2 loop: 2 FMAs).
-constexpr int MULT_UNROLL = 5;
+// The adjoint of an add map of K members (maps.h, with_members): g added to every member's gradient rows in
+// one pass over g.
+template <int K>
+inline void add_adjoint(const float* __restrict g, const int32_t* mem, int C, Tile& tl) {
+  float* gx[K];
+  for (int j = 0; j < K; ++j) gx[j] = tl.gxs(mem[j], 0);
+  for (int e = 0; e < C * TP; e += VW) {
+    const vf gv = *(const vf*)(g + e);
+    for (int j = 0; j < K; ++j) *(vf*)(gx[j] + e) += gv;
+  }
+}
+
+// The adjoint of a mult map of K members (z = Π_j x_j): gx_j += g · Π_{i≠j} x_i in one pass over g. K = 2:
+// g times the other member (2 FMAs per class vector). K ≥ 3: the members' vectors, the prefix products (from
+// g) and the suffix products in registers, 3K − 3 operations (benchmarks/floor.py counts 2(K − 1)) where a
+// pass per member copied g, multiplied it by K − 1 rows and added it to a gradient row (make cycles:
+// synapse2d's 11 mult maps, k = 2..4, backward 736 -> 450 slots). Larger subsets than MEMBER_UNROLL: the
+// loop in op_backward (K(K − 1) operations, one pass).
 template <int K>
 inline void mult_adjoint(const float* __restrict g, const int32_t* mem, int C, Tile& tl) {
-  if constexpr (K >= 3) {
-    const float* x[K];
-    float* gx[K];
-    for (int j = 0; j < K; ++j) {
-      x[j] = tl.xs(mem[j], 0);
-      gx[j] = tl.gxs(mem[j], 0);
-    }
-    for (int e = 0; e < C * TP; e += VW) {
+  const float* x[K];
+  float* gx[K];
+  for (int j = 0; j < K; ++j) {
+    x[j] = tl.xs(mem[j], 0);
+    gx[j] = tl.gxs(mem[j], 0);
+  }
+  for (int e = 0; e < C * TP; e += VW) {
+    const vf gv = *(const vf*)(g + e);
+    if constexpr (K == 2) {
+      const vf x0 = *(const vf*)(x[0] + e), x1 = *(const vf*)(x[1] + e);
+      *(vf*)(gx[0] + e) += gv * x1;
+      *(vf*)(gx[1] + e) += gv * x0;
+    } else {
       vf xv[K], suffix[K];  // suffix[j] = Π_{i>j} x_i (j < K − 1)
       for (int j = 0; j < K; ++j) xv[j] = *(const vf*)(x[j] + e);
       suffix[K - 2] = xv[K - 1];
       for (int j = K - 3; j >= 0; --j) suffix[j] = suffix[j + 1] * xv[j + 1];
-      vf prefix = *(const vf*)(g + e);  // g · Π_{i<j} x_i
+      vf prefix = gv;  // g · Π_{i<j} x_i
       for (int j = 0; j < K - 1; ++j) {
         *(vf*)(gx[j] + e) += prefix * suffix[j];
         prefix *= xv[j];
@@ -203,45 +219,25 @@ void op_backward(const Problem& pr, const Layout& ly, int u, Tile& tl, vf* dpara
   const int K = k * C;
   switch (op) {
     case OP_ADD:
-      if (k == 2) {  // (most subsets) both members in one pass over g
-        float* __restrict g0 = tl.gxs(mem[0], 0);
-        float* __restrict g1 = tl.gxs(mem[1], 0);
-        for (int e = 0; e < C * TP; ++e) {
-          g0[e] += g[e];
-          g1[e] += g[e];
+      with_members(k, [&](auto kk) { add_adjoint<kk()>(g, mem, C, tl); }, [&] {
+        for (int e = 0; e < C * TP; e += VW) {
+          const vf gv = *(const vf*)(g + e);
+          for (int j = 0; j < k; ++j) *(vf*)(tl.gxs(mem[j], 0) + e) += gv;
         }
-        break;
-      }
-      for (int e = 0; e < C * TP; e += VW) {  // every member in one pass over g
-        const vf gv = *(const vf*)(g + e);
-        for (int j = 0; j < k; ++j) *(vf*)(tl.gxs(mem[j], 0) + e) += gv;
-      }
+      });
       break;
     case OP_MULT:
-      if (k == 2) {  // (most subsets) both members' gradients in one pass: g times the other member
-        float* __restrict g0 = tl.gxs(mem[0], 0);
-        float* __restrict g1 = tl.gxs(mem[1], 0);
-        const float* __restrict x0 = tl.xs(mem[0], 0);
-        const float* __restrict x1 = tl.xs(mem[1], 0);
-        for (int e = 0; e < C * TP; ++e) {
-          g0[e] += g[e] * x1[e];
-          g1[e] += g[e] * x0[e];
+      with_members(k, [&](auto kk) { mult_adjoint<kk()>(g, mem, C, tl); }, [&] {
+        for (int e = 0; e < C * TP; e += VW) {  // d/dz_j = g · Π_{i≠j} z_i (no division)
+          const vf gv = *(const vf*)(g + e);
+          for (int j = 0; j < k; ++j) {
+            vf p = gv;
+            for (int i = 0; i < k; ++i)
+              if (i != j) p *= *(const vf*)(tl.xs(mem[i], 0) + e);
+            *(vf*)(tl.gxs(mem[j], 0) + e) += p;
+          }
         }
-        break;
-      }
-      if (k <= MULT_UNROLL) {
-        remainder_block<MULT_UNROLL>(k, 0, [&](auto kk, int) { mult_adjoint<kk()>(g, mem, C, tl); });
-        break;
-      }
-      for (int e = 0; e < C * TP; e += VW) {  // d/dz_j = g · Π_{i≠j} z_i (no division), one pass over g
-        const vf gv = *(const vf*)(g + e);
-        for (int j = 0; j < k; ++j) {
-          vf p = gv;
-          for (int i = 0; i < k; ++i)
-            if (i != j) p *= *(const vf*)(tl.xs(mem[i], 0) + e);
-          *(vf*)(tl.gxs(mem[j], 0) + e) += p;
-        }
-      }
+      });
       break;
     case OP_CAT: {
       const float* W = pr.cat_w + ly.cat_w_off[arg];

@@ -106,8 +106,8 @@ def test_every_op_subset(ops):
 
 @pytest.mark.parametrize("B,sp", [(1, (6, 5)), (2, (9, 8))])
 def test_add_and_mult_maps_of_every_subset_size(B, sp):
-    """add and mult maps build and push back all their members in one pass (maps.h, adjoint.h): the mult
-    adjoint unrolled for k = 3..MULT_UNROLL (5) and a loop for larger subsets — L = 7 has k = 2..7."""
+    """add and mult maps build and push back all their members in one pass (maps.h, adjoint.h), unrolled
+    for k = 2..MEMBER_UNROLL (5), a loop for larger subsets — L = 7 has k = 2..7."""
     crit, logits, target = random_case("cpu", 7, 3, B, sp, native=False, ops=("add", "mult"), seed=7 + B)
     compare_to_reference(crit, logits, target)
 
