@@ -23,10 +23,10 @@ inline void cat_rows(const float* W, const float* bias, int c, int k, int C, con
 
 // The elementwise maps (add, mult) and their adjoints run over their k members in one pass, with k known
 // at compile time up to MEMBER_UNROLL (L ≤ 5): the member rows' pointers in registers, the loop over them
-// unrolled. A loop over a runtime k inside the pass (loading each member's stage and address per vector)
-// ran ~1.5–3× slower than that, and slower than a pass per member (make cycles: an add adjoint of k = 3
-// 14 slots per class vector); it is left to larger subsets. with_members(k, f, g): f(integral_constant<k>)
-// for 2 ≤ k ≤ MEMBER_UNROLL, else g().
+// unrolled. A loop over a runtime k inside the pass (each member's stage and address loaded per vector) ran
+// 2–3× slower than that for k ≥ 3 (make cycles: an add adjoint of k = 3 19–20 slots per class vector against
+// 7, benchmarks/CPU_LOG.md); it is left to larger subsets (L ≥ 6). with_members(k, f, g):
+// f(integral_constant<k>) for 2 ≤ k ≤ MEMBER_UNROLL, else g().
 constexpr int MEMBER_UNROLL = 5;
 template <class F, class G>
 inline void with_members(int k, F&& f, G&& g) {
