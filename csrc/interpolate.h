@@ -178,6 +178,7 @@ void interpolate_stage(const Problem& pr, const Stage& S, int i, int64_t b, int6
 
 #if defined(__AVX512F__)
 // ---- the interpolation adjoint's column sums in vectors (AVX-512) ----------------------------------
+constexpr int CHUNK = 16;  // output pixels per chunk (scatter_stage)
 // A chunk of 16 consecutive output pixels of a row segment, and how its two W corners group them: the
 // lanes whose i0 (i1) is the same native column are consecutive (i0, i1 nondecreasing), and a group
 // ends at lane end0[j] (end1[j]) for the j-th column from base0 (base1) on.
@@ -203,7 +204,7 @@ inline void group_ends(__m512i k, __mmask16 valid, int nv, __m512i& end, __mmask
   q = (__mmask16)((1u << __builtin_popcount(ends)) - 1u);
 }
 
-// The chunks of a segment (at most TP / 16 = 4).
+// The chunks of a segment (at most TP / CHUNK = 4).
 inline int w_chunks(const Axis& aw, const Segment& sg, WChunk* ch) {
   int nc = 0;
   for (int at = 0; at < sg.len; at += 16, ++nc) {
@@ -233,10 +234,12 @@ inline __m512 group_sums(__m512 a, __m512i end) {
   return _mm512_sub_ps(e, lanes_up<1>(e));
 }
 
-// A chunk's column sums of one class (g: its 16 gradients) added into dst (the segment's columns from
-// w_lo on): both corners' sums in one vector at base0 (base1 is base0 or base0 + 1), one load and one
-// store — two stores to the same columns back to back stall the second's load (no store forwarding).
-inline void add_chunk_sums(const WChunk& w, __m512 g, float* dst) {
+// A chunk's column sums of one class (its gradients: g_row from the segment's first pixel) added into dst
+// (the segment's columns from w_lo on): both corners' sums in one vector at base0 (base1 is base0 or
+// base0 + 1), one load and one store — two stores to the same columns back to back stall the second's load
+// (no store forwarding).
+inline void add_chunk_sums(const WChunk& w, const float* g_row, float* dst) {
+  const __m512 g = _mm512_maskz_loadu_ps(w.valid, g_row + w.at);
   const __m512 s0 = _mm512_maskz_mov_ps(w.q0, group_sums(_mm512_mul_ps(w.l0, g), w.end0));
   __m512 s1 = _mm512_maskz_mov_ps(w.q1, group_sums(_mm512_mul_ps(w.l1, g), w.end1));
   __mmask16 q = w.q0 | w.q1;
@@ -254,9 +257,11 @@ inline void add_chunk_sums(const WChunk& w, __m512 g, float* dst) {
 
 #if defined(__AVX2__) && !defined(__AVX512F__)
 // ---- the interpolation adjoint's column sums in vectors (AVX2): the AVX-512 scheme above in 8 lanes ----
-// The groups' ends come from a scalar pass over the chunk's ≤ 8 columns (no compress in AVX2): it is made
-// once per chunk and shared by the C classes.
-struct WChunk8 {
+// The same names and roles as the AVX-512 helpers (scatter_stage calls either); the groups' ends come from
+// a scalar pass over the chunk's ≤ 8 columns (no compress in AVX2), made once per chunk and shared by the
+// C classes.
+constexpr int CHUNK = 8;  // output pixels per chunk (scatter_stage)
+struct WChunk {
   int at, base0, base1;           // first pixel (from the segment's), first columns (from w_lo)
   bool last1;                     // i1 reaches a 9th column (its sum in lane 7 goes on its own)
   __m256i valid;                  // all ones on the lanes in the segment
@@ -266,14 +271,14 @@ struct WChunk8 {
 };
 
 template <int K>
-inline __m256 lanes_up8(__m256 x) {  // lane t gets x[t − K], zeros in
+inline __m256 lanes_up(__m256 x) {  // lane t gets x[t − K], zeros in
   const __m256i idx = _mm256_setr_epi32((0 - K) & 7, (1 - K) & 7, (2 - K) & 7, (3 - K) & 7, (4 - K) & 7,
                                         (5 - K) & 7, (6 - K) & 7, (7 - K) & 7);
   return _mm256_blend_ps(_mm256_permutevar8x32_ps(x, idx), _mm256_setzero_ps(), (1 << K) - 1);
 }
 
 // The groups' ends of one corner's columns idx[0..nv) (nondecreasing) and the mask of its group lanes.
-inline void group_ends8(const int32_t* idx, int nv, __m256i& end, __m256& q) {
+inline void group_ends(const int32_t* idx, int nv, __m256i& end, __m256& q) {
   alignas(32) int32_t e[8] = {};
   alignas(32) int32_t on[8] = {};
   int groups = 0;
@@ -286,12 +291,12 @@ inline void group_ends8(const int32_t* idx, int nv, __m256i& end, __m256& q) {
   q = _mm256_castsi256_ps(_mm256_load_si256((const __m256i*)on));
 }
 
-// The chunks of a segment (at most TP / 8).
-inline int w_chunks8(const Axis& aw, const Segment& sg, WChunk8* ch) {
+// The chunks of a segment (at most TP / CHUNK = 8).
+inline int w_chunks(const Axis& aw, const Segment& sg, WChunk* ch) {
   int nc = 0;
-  for (int at = 0; at < sg.len; at += 8, ++nc) {
-    WChunk8& w = ch[nc];
-    const int nv = std::min(8, sg.len - at);
+  for (int at = 0; at < sg.len; at += CHUNK, ++nc) {
+    WChunk& w = ch[nc];
+    const int nv = std::min(CHUNK, sg.len - at);
     const int64_t o = sg.ow + at;
     w.at = at;
     w.base0 = aw.i0[o] - (int)sg.w_lo;
@@ -304,8 +309,8 @@ inline int w_chunks8(const Axis& aw, const Segment& sg, WChunk8* ch) {
     w.valid = _mm256_cmpgt_epi32(_mm256_set1_epi32(nv), _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
     w.l0 = _mm256_load_ps(l0);
     w.l1 = _mm256_load_ps(l1);
-    group_ends8(&aw.i0[o], nv, w.end0, w.q0);
-    group_ends8(&aw.i1[o], nv, w.end1, w.q1);
+    group_ends(&aw.i0[o], nv, w.end0, w.q0);
+    group_ends(&aw.i1[o], nv, w.end1, w.q1);
     w.last1 = w.base1 != w.base0 && _mm256_movemask_ps(w.q1) >> 7;
   }
   return nc;
@@ -313,23 +318,24 @@ inline int w_chunks8(const Axis& aw, const Segment& sg, WChunk8* ch) {
 
 // The sums of a's lanes by group: an inclusive scan in the vector, each group's end picked by one
 // permute, minus the previous group's end.
-inline __m256 group_sums8(__m256 a, __m256i end) {
-  a = _mm256_add_ps(a, lanes_up8<1>(a));
-  a = _mm256_add_ps(a, lanes_up8<2>(a));
-  a = _mm256_add_ps(a, lanes_up8<4>(a));
+inline __m256 group_sums(__m256 a, __m256i end) {
+  a = _mm256_add_ps(a, lanes_up<1>(a));
+  a = _mm256_add_ps(a, lanes_up<2>(a));
+  a = _mm256_add_ps(a, lanes_up<4>(a));
   const __m256 e = _mm256_permutevar8x32_ps(a, end);
-  return _mm256_sub_ps(e, lanes_up8<1>(e));
+  return _mm256_sub_ps(e, lanes_up<1>(e));
 }
 
-// A chunk's column sums of one class (g: its 8 gradients) added into dst (the segment's columns from w_lo
-// on): both corners' sums in one vector at base0, one load and one store of 8 columns (lanes past the
-// chunk's columns add zeros; a mix row has TP + 32 floats).
-inline void add_chunk_sums8(const WChunk8& w, __m256 g, float* dst) {
-  const __m256 s0 = _mm256_and_ps(w.q0, group_sums8(_mm256_mul_ps(w.l0, g), w.end0));
-  __m256 s1 = _mm256_and_ps(w.q1, group_sums8(_mm256_mul_ps(w.l1, g), w.end1));
+// A chunk's column sums of one class (its gradients: g_row from the segment's first pixel, read by a masked
+// load) added into dst (the segment's columns from w_lo on): both corners' sums in one vector at base0, one
+// load and one store of 8 columns (lanes past the chunk's columns add zeros; a mix row has TP + 32 floats).
+inline void add_chunk_sums(const WChunk& w, const float* g_row, float* dst) {
+  const __m256 g = _mm256_maskload_ps(g_row + w.at, w.valid);
+  const __m256 s0 = _mm256_and_ps(w.q0, group_sums(_mm256_mul_ps(w.l0, g), w.end0));
+  __m256 s1 = _mm256_and_ps(w.q1, group_sums(_mm256_mul_ps(w.l1, g), w.end1));
   if (w.base1 != w.base0) {
     if (w.last1) dst[w.base1 + 7] += _mm256_cvtss_f32(_mm256_permutevar8x32_ps(s1, _mm256_set1_epi32(7)));
-    s1 = lanes_up8<1>(s1);
+    s1 = lanes_up<1>(s1);
   }
   float* d = dst + w.base0;
   _mm256_storeu_ps(d, _mm256_add_ps(_mm256_loadu_ps(d), _mm256_add_ps(s0, s1)));
@@ -353,7 +359,7 @@ inline void add_to_mixed_rows(const Segment& sg, const T* __restrict acc, double
 // t in [run0[q], run0[q + 1]) through its i0 corner and [run1[q], run1[q + 1]) through i1 (both
 // nondecreasing in t). With AVX-512 each 16-pixel chunk's column sums come from a scan in the vector
 // (add_chunk_sums: float sums of at most 16 products, then added in double), with AVX2 each 8-pixel
-// chunk's (add_chunk_sums8; ct3d-native's tile loads and scatter 161 -> 127 ms against the prefix sums on
+// chunk's (the same helpers in 8 lanes; ct3d-native's tile loads and scatter 161 -> 127 ms against the prefix sums on
 // an AMD EPYC); otherwise each sum is a difference of prefix sums in double over the exact products l·g.
 // Either way vector work per pixel, not a chain of dependent additions per column and class (those were
 // ~68 ms of ct3d-native's backward).
@@ -362,25 +368,12 @@ void scatter_stage(const Problem& pr, const Stage& S, int i, int64_t p0, int n, 
   const int C = (int)pr.classes;
   const Axis& aw = S.axis[2];
   for_segments(pr, S, p0, n, [&](const Segment& sg) {
-#if defined(__AVX512F__)
-    WChunk ch[TP / 16];
+#if defined(__AVX512F__) || defined(__AVX2__)
+    WChunk ch[TP / CHUNK];
     const int nc = w_chunks(aw, sg, ch);
     for (int c = 0; c < C; ++c) std::fill(tl.mixes(c), tl.mixes(c) + sg.nw, 0.0f);  // column sums (sg.nw ≤ TP + 1)
     for (int j = 0; j < nc; ++j)  // (chunk-major: a column two chunks share is stored long before it is read again)
-      for (int c = 0; c < C; ++c) {
-        const __m512 g = _mm512_maskz_loadu_ps(ch[j].valid, tl.gxs(i, c) + sg.p + ch[j].at);
-        add_chunk_sums(ch[j], g, tl.mixes(c));
-      }
-    for (int c = 0; c < C; ++c) add_to_mixed_rows(sg, tl.mixes(c), buf + (size_t)c * plane + sg.w_lo - first);
-#elif defined(__AVX2__)
-    WChunk8 ch[TP / 8];
-    const int nc = w_chunks8(aw, sg, ch);
-    for (int c = 0; c < C; ++c) std::fill(tl.mixes(c), tl.mixes(c) + sg.nw, 0.0f);  // column sums (sg.nw ≤ TP + 1)
-    for (int j = 0; j < nc; ++j)  // (chunk-major, as above)
-      for (int c = 0; c < C; ++c) {
-        const __m256 g = _mm256_maskload_ps(tl.gxs(i, c) + sg.p + ch[j].at, ch[j].valid);
-        add_chunk_sums8(ch[j], g, tl.mixes(c));
-      }
+      for (int c = 0; c < C; ++c) add_chunk_sums(ch[j], tl.gxs(i, c) + sg.p, tl.mixes(c));
     for (int c = 0; c < C; ++c) add_to_mixed_rows(sg, tl.mixes(c), buf + (size_t)c * plane + sg.w_lo - first);
 #else
     int run0[TP + 2], run1[TP + 2];
