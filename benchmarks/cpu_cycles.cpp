@@ -4,10 +4,12 @@
 // vectors — the unit benchmarks/floor.py counts operations in, so each number reads against the
 // floor's operations per class vector (README, Performance).
 //
-// Two tables: (1) one map per kind with k = 2 members, each function alone; (2) the whole tile of the
+// Three tables: (1) one map per kind with k = 2 members, each function alone; (2) the whole tile of the
 // L = 4 problem (all 48 maps, k = 2..4 as in synapse2d): each map's functions alone, summed per kind,
 // against the forward and backward of the tile run as the library runs them (load, every map in
-// order) — what the maps cost together before memory, work items and threads.
+// order) — what the maps cost together before memory, work items and threads; (3) the same maps'
+// functions averaged per kind and member count k — a function whose cost grows faster in k than its
+// work does shows up here (how the add and mult maps' k(k + 1) passes were found).
 //
 //     make cycles                      # builds this file against csrc/ (AVX-512) and runs it
 //     ./build/cpu_cycles 14            # another class count (default 9)
@@ -166,13 +168,18 @@ void whole_tile_table(int C, int n, double fma_rate) {
   const int M = tb.ly.M;
   double fwd[5] = {0}, bwd[5] = {0};
   int count[5] = {0};
+  double by_k[5][L + 1][8] = {};  // (kind, k): the six functions, forward, backward, summed over the maps
+  int count_k[5][L + 1] = {};
   for (int u = 0; u < M; ++u) {
     double c[6];
     tb.costs(u, n, fma_rate, c);
-    const int kind = tp.op[u];
-    ++count[kind];
-    fwd[kind] += c[0] + c[1] + c[2];
-    bwd[kind] += (backward_builds_logits(tp.pr, tb.ly, u) ? c[0] : 0.0) + c[3] + c[4] + c[5];
+    const int kind = tp.op[u], k = kind == OP_ORIG ? 1 : tp.subset_size[tp.arg[u]];
+    const double f = c[0] + c[1] + c[2];
+    const double b = (backward_builds_logits(tp.pr, tb.ly, u) ? c[0] : 0.0) + c[3] + c[4] + c[5];
+    ++count[kind], ++count_k[kind][k];
+    fwd[kind] += f, bwd[kind] += b;
+    for (int i = 0; i < 6; ++i) by_k[kind][k][i] += c[i];
+    by_k[kind][k][6] += f, by_k[kind][k][7] += b;
   }
   const double exps = slots([&] { tb.tl.ex_ready.assign(L, 0); stage_exp(tb.pr, tb.tl, 0); }, n, C, fma_rate);
   const double load_f = slots([&] { tb.load(true); }, n, C, fma_rate);
@@ -192,8 +199,19 @@ void whole_tile_table(int C, int n, double fma_rate) {
   std::printf("| sum of the functions alone | | %.0f | %.0f |\n", sum_f, sum_b);
   std::printf("| the tile run as the library runs it | | %.0f | %.0f |\n", whole_f, whole_b);
   const double ns_per_px = (double)C / VW / fma_rate * 1e9;  // one slot per class vector, in ns per pixel
-  std::printf("(the whole tile in ns per pixel on one core: forward %.0f, backward %.0f)\n", whole_f * ns_per_px,
+  std::printf("(the whole tile in ns per pixel on one core: forward %.0f, backward %.0f)\n\n", whole_f * ns_per_px,
               whole_b * ns_per_px);
+  std::printf("(3) the maps of (2) per kind and member count k, each function alone, mean per map\n");
+  std::printf("| map | maps | build | activate (forward) | statistics | activate (backward) | dL/dz | adjoint | forward | backward |\n");
+  std::printf("|---|---|---|---|---|---|---|---|---|---|\n");
+  for (int kind = 0; kind < 5; ++kind)
+    for (int k = 1; k <= L; ++k) {
+      const int nk = count_k[kind][k];
+      if (!nk) continue;
+      std::printf("| %s, k = %d | %d |", KIND_NAMES[kind], k, nk);
+      for (int i = 0; i < 8; ++i) std::printf(" %.1f |", by_k[kind][k][i] / nk);
+      std::printf("\n");
+    }
 }
 
 }  // namespace
