@@ -203,6 +203,29 @@ inline void mult_adjoint(const float* __restrict g, const int32_t* mem, int C, T
   }
 }
 
+// The attention weights' gradients of an awf map of K members, dα_j = <g, x_{s_j}> over classes (K×TP, into
+// dal): a group of pixel vectors at a time (weights_group) with the K sums in registers, so each g vector is
+// loaded once for the K members (a pass per member loaded it K times: 2 loads per FMA). Each dα_j sums in
+// class order, as before.
+template <int K>
+inline void awf_weight_grads(const float* __restrict g, const int32_t* mem, int C, Tile& tl, float* __restrict dal) {
+  constexpr int G = weights_group(K);
+  const float* x[K];
+  for (int j = 0; j < K; ++j) x[j] = tl.xs(mem[j], 0);
+  for (int i0 = 0; i0 < NV; i0 += G) {
+    vf d[K][G] = {};
+    for (int c = 0; c < C; ++c) {
+      const size_t o = (size_t)c * TP + VW * i0;
+      for (int i = 0; i < G; ++i) {
+        const vf gv = *(const vf*)(g + o + VW * i);
+        for (int j = 0; j < K; ++j) d[j][i] += gv * *(const vf*)(x[j] + o + VW * i);
+      }
+    }
+    for (int j = 0; j < K; ++j)
+      for (int i = 0; i < G; ++i) *(vf*)(dal + (size_t)j * TP + VW * (i0 + i)) = d[j][i];
+  }
+}
+
 // Push tl.g (dL/dz_u) through the operator of map u into tl.gx and the parameter partials.
 // dparams: one VW-lane partial per packed parameter (per thread, folded into double by the caller).
 void op_backward(const Problem& pr, const Layout& ly, int u, Tile& tl, vf* dparams) {
@@ -254,16 +277,18 @@ void op_backward(const Problem& pr, const Layout& ly, int u, Tile& tl, vf* dpara
       vf* dc = dparams + ly.cat_w_n + ly.cat_b_n + ly.awf_v_n + ly.awf_c_off[arg];
       const float* __restrict al = tl.alpha.data();
       float* __restrict dal = tl.dalpha.data();
-      for (int j = 0; j < k; ++j)  // dα_j = <g, z_{s_j}> over classes (in registers, PIXEL_GROUP vectors side by side)
-        for (int i0 = 0; i0 < NV; i0 += PIXEL_GROUP) {
-          vf d[PIXEL_GROUP] = {};
-          for (int c = 0; c < C; ++c)
-            for (int i = 0; i < PIXEL_GROUP; ++i) {
-              const size_t o = (size_t)VW * (i0 + i);
-              d[i] += *(const vf*)(g + (size_t)c * TP + o) * *(const vf*)(tl.xs(mem[j], c) + o);
-            }
-          for (int i = 0; i < PIXEL_GROUP; ++i) *(vf*)(dal + (size_t)j * TP + VW * (i0 + i)) = d[i];
-        }
+      with_members(k, [&](auto kk) { awf_weight_grads<kk()>(g, mem, C, tl, dal); }, [&] {
+        for (int j = 0; j < k; ++j)  // dα_j = <g, z_{s_j}> over classes (PIXEL_GROUP vectors side by side)
+          for (int i0 = 0; i0 < NV; i0 += PIXEL_GROUP) {
+            vf d[PIXEL_GROUP] = {};
+            for (int c = 0; c < C; ++c)
+              for (int i = 0; i < PIXEL_GROUP; ++i) {
+                const size_t o = (size_t)VW * (i0 + i);
+                d[i] += *(const vf*)(g + (size_t)c * TP + o) * *(const vf*)(tl.xs(mem[j], c) + o);
+              }
+            for (int i = 0; i < PIXEL_GROUP; ++i) *(vf*)(dal + (size_t)j * TP + VW * (i0 + i)) = d[i];
+          }
+      });
       // The scores' gradient da = α ⊙ (dα − <α, dα>), as da_j = α_j Σ_i α_i (dα_j − dα_i) — the same where
       // Σ α = 1, but without the rounding of Σ α, which the first form multiplies by dα_j: the awf bias
       // gradient sums da over pixels and cancels (tests/test_cpu.py's random configuration 7: its error
@@ -291,14 +316,26 @@ void op_backward(const Problem& pr, const Layout& ly, int u, Tile& tl, vf* dpara
         for (int h = 0; h < NV; h += BLOCK_NV) {
           const int o = VW * h;
           const Vecs<BLOCK_NV> aj = row_load<BLOCK_NV>(al + (size_t)j * TP + o);
+          if (pr.awf_block_diagonal) {  // only r = j: da_j in registers beside α_j (each c2 loads gx and g only)
+            const Vecs<BLOCK_NV> dj = row_load<BLOCK_NV>(da + (size_t)j * TP + o);
+            const float* Vj = V + (size_t)j * K + j * C;
+            for (int c2 = 0; c2 < C; ++c2) {
+              float* gx = tl.gxs(mem[j], c2) + o;
+              const vf v = splat(Vj[c2]);
+              for (int i = 0; i < BLOCK_NV; ++i) {
+                vf acc = *(const vf*)(gx + VW * i);
+                acc += aj.v[i] * *(const vf*)(g + (size_t)c2 * TP + o + VW * i);
+                acc += v * dj.v[i];
+                *(vf*)(gx + VW * i) = acc;
+              }
+            }
+            continue;
+          }
           for (int c2 = 0; c2 < C; ++c2) {
             float* gx = tl.gxs(mem[j], c2) + o;
             Vecs<BLOCK_NV> acc = row_load<BLOCK_NV>(gx);
             for (int i = 0; i < BLOCK_NV; ++i) acc.v[i] += aj.v[i] * *(const vf*)(g + (size_t)c2 * TP + o + VW * i);
-            for (int r = 0; r < k; ++r) {
-              if (pr.awf_block_diagonal && j != r) continue;
-              row_fma(acc, V[(size_t)r * K + j * C + c2], da + (size_t)r * TP + o);
-            }
+            for (int r = 0; r < k; ++r) row_fma(acc, V[(size_t)r * K + j * C + c2], da + (size_t)r * TP + o);
             row_store(gx, acc);
           }
         }

@@ -191,6 +191,16 @@ inline vf reciprocal_v(vf x) {
 constexpr int PIXEL_GROUP = NV < 4 ? NV : 4;
 static_assert(NV % PIXEL_GROUP == 0, "a tile's vectors split into whole pixel groups");
 
+// Pixel vectors side by side when K rows of per-pixel weights stay in registers beside one sum per vector
+// (the awf maps' attention weights, maps.h and adjoint.h): PIXEL_GROUP where (K + 1) groups leave two of the
+// ISA's registers (32 with AVX-512, 16 otherwise) free, else halved until they do.
+constexpr int VECTOR_REGISTERS = VW == 16 ? 32 : 16;
+constexpr int weights_group(int K) {
+  int n = PIXEL_GROUP;
+  while (n > 1 && (K + 1) * n > VECTOR_REGISTERS - 2) n /= 2;
+  return n;
+}
+
 // Pixel vectors per block of accumulators where whole rows would not fit the registers: a whole row with
 // AVX-512 (4 of its 32 registers), half a row with AVX2 (a row is 8 of its 16).
 constexpr int BLOCK_NV = NV <= 4 ? NV : 4;

@@ -112,6 +112,16 @@ def test_add_and_mult_maps_of_every_subset_size(B, sp):
     compare_to_reference(crit, logits, target)
 
 
+@pytest.mark.parametrize("awf_param", ["official", "paper"])
+def test_awf_maps_of_every_subset_size(awf_param):
+    """An awf map's mix and its attention weights' gradients hold the k weights of a pixel group in
+    registers, unrolled for k = 2..MEMBER_UNROLL (5), a loop for larger subsets — L = 7 has k = 2..7;
+    the block-diagonal (official) adjoint keeps the score gradient in registers too."""
+    crit, logits, target = random_case("cpu", 7, 3, 2, (9, 8), native=False, ops=("awf",), awf_param=awf_param,
+                                       seed=11)
+    compare_to_reference(crit, logits, target)
+
+
 @pytest.mark.parametrize("C", range(2, 17))
 def test_cat_row_blocks_every_class_count(C):
     """The cat loops split the C rows into register blocks (simd.h for_row_blocks: 4-row blocks, a
