@@ -116,13 +116,20 @@ struct TileBench {
     if (forward) target_stats(pr, tl, target_sums);
   }
 
+  // The pass's build is 0 where it builds no logits: the forward's maps made by_product, the backward's
+  // (backward_builds_logits) — such a map's statistics take the stages' CE sums (stage_ce_sums, timed with
+  // the stage exponentials).
   void costs(int u, int n, double fma_rate, double out[6]) {
     const int C = ly.C;
-    const float* z = build_map(pr, ly, u, tl);
-    out[0] = pr.map_op[u] == OP_ORIG ? 0.0 : slots([&] { z = build_map(pr, ly, u, tl); }, n, C, fma_rate);
-    out[1] = slots([&] { activate_map(pr, ly, u, z, tl, true); }, n, C, fma_rate);
-    out[2] = slots([&] { accumulate_stats(pr, z, tl, lanes(u)); }, n, C, fma_rate);
-    out[3] = slots([&] { activate_map(pr, ly, u, z, tl, false); }, n, C, fma_rate);
+    const int32_t* stages = pr.map_op[u] == OP_ORIG ? &pr.map_arg[u] : pr.subset_members + ly.sub_start[pr.map_arg[u]];
+    const int n_stages = pr.map_op[u] == OP_ORIG ? 1 : pr.subset_size[pr.map_arg[u]];
+    const bool product = by_product(pr, ly, u);
+    const float* built = build_map(pr, ly, u, tl);
+    out[0] = pr.map_op[u] == OP_ORIG ? 0.0 : slots([&] { built = build_map(pr, ly, u, tl); }, n, C, fma_rate);
+    const float* z = activate_map(pr, ly, u, product ? nullptr : built, tl, true);
+    out[1] = slots([&] { z = activate_map(pr, ly, u, product ? nullptr : built, tl, true); }, n, C, fma_rate);
+    out[2] = slots([&] { accumulate_stats(pr, z, tl, lanes(u), stages, n_stages); }, n, C, fma_rate);
+    out[3] = slots([&] { activate_map(pr, ly, u, built, tl, false); }, n, C, fma_rate);
     out[4] = slots([&] { map_grad(pr, tl, grad(gce, u), grad(gi, u), grad(gz, u)); }, n, C, fma_rate);
     out[5] = slots([&] { op_backward(pr, ly, u, tl, dparams()); }, n, C, fma_rate);
   }
@@ -146,12 +153,15 @@ void per_kind_table(int C, int n, double fma_rate) {
   for (int u = L - 1; u < L + 4; ++u) {  // the last original map, then add, mult, cat, awf
     double c[6];
     tb.costs(u, n, fma_rate, c);
+    const double build = by_product(tp.pr, tb.ly, u) ? 0.0 : c[0];  // the forward's build
     const double rebuild = backward_builds_logits(tp.pr, tb.ly, u) ? c[0] : 0.0;  // the backward's recompute
     std::printf("| %s | %.1f | %.1f | %.1f | %.1f | %.1f | %.1f | %.1f | %.1f |\n", KIND_NAMES[tp.op[u]], c[0], c[1],
-                c[2], c[3], c[4], c[5], c[0] + c[1] + c[2], rebuild + c[3] + c[4] + c[5]);
+                c[2], c[3], c[4], c[5], build + c[1] + c[2], rebuild + c[3] + c[4] + c[5]);
   }
   const double exps = slots([&] { tb.tl.ex_ready.assign(L, 0); stage_exp(tb.pr, tb.tl, 0); }, n, C, fma_rate);
-  std::printf("(one stage's exponentials, made once per tile and pass: %.1f)\n\n", exps);
+  const double ce_sums = slots([&] { stage_ce_sums(tb.pr, tb.tl, 0); }, n, C, fma_rate);
+  std::printf("(one stage's exponentials, made once per tile and pass: %.1f; its CE sums, forward: %.1f)\n\n", exps,
+              ce_sums);
 }
 
 void whole_tile_table(int C, int n, double fma_rate) {
@@ -174,7 +184,7 @@ void whole_tile_table(int C, int n, double fma_rate) {
     double c[6];
     tb.costs(u, n, fma_rate, c);
     const int kind = tp.op[u], k = kind == OP_ORIG ? 1 : tp.subset_size[tp.arg[u]];
-    const double f = c[0] + c[1] + c[2];
+    const double f = (by_product(tp.pr, tb.ly, u) ? 0.0 : c[0]) + c[1] + c[2];
     const double b = (backward_builds_logits(tp.pr, tb.ly, u) ? c[0] : 0.0) + c[3] + c[4] + c[5];
     ++count[kind], ++count_k[kind][k];
     fwd[kind] += f, bwd[kind] += b;
@@ -182,6 +192,7 @@ void whole_tile_table(int C, int n, double fma_rate) {
     by_k[kind][k][6] += f, by_k[kind][k][7] += b;
   }
   const double exps = slots([&] { tb.tl.ex_ready.assign(L, 0); stage_exp(tb.pr, tb.tl, 0); }, n, C, fma_rate);
+  const double ce_sums = tb.ly.add_by_product ? slots([&] { stage_ce_sums(tb.pr, tb.tl, 0); }, n, C, fma_rate) : 0.0;
   const double load_f = slots([&] { tb.load(true); }, n, C, fma_rate);
   const double load_b = slots([&] { tb.load(false); std::fill(tb.tl.gx.begin(), tb.tl.gx.end(), 0.0f); }, n, C, fma_rate);
   const int nt = std::max(1, n / 30);
@@ -189,13 +200,13 @@ void whole_tile_table(int C, int n, double fma_rate) {
   const double whole_b = slots([&] { tb.backward_tile(); }, nt, C, fma_rate);
   std::printf("(2) the whole tile, L = %d: %d maps (k = 2..%d)\n", L, M, L);
   std::printf("| | maps | forward | backward |\n|---|---|---|---|\n");
-  double sum_f = load_f + L * exps, sum_b = load_b + L * exps;
+  double sum_f = load_f + L * (exps + ce_sums), sum_b = load_b + L * exps;
   for (int kind = 0; kind < 5; ++kind) {
     std::printf("| %s | %d | %.0f | %.0f |\n", KIND_NAMES[kind], count[kind], fwd[kind], bwd[kind]);
     sum_f += fwd[kind], sum_b += bwd[kind];
   }
   std::printf("| tile load (+ target sums; backward: + zeroed gradients) | | %.0f | %.0f |\n", load_f, load_b);
-  std::printf("| stage exponentials | %d | %.0f | %.0f |\n", L, L * exps, L * exps);
+  std::printf("| stage exponentials (forward: + their CE sums) | %d | %.0f | %.0f |\n", L, L * (exps + ce_sums), L * exps);
   std::printf("| sum of the functions alone | | %.0f | %.0f |\n", sum_f, sum_b);
   std::printf("| the tile run as the library runs it | | %.0f | %.0f |\n", whole_f, whole_b);
   const double ns_per_px = (double)C / VW / fma_rate * 1e9;  // one slot per class vector, in ns per pixel

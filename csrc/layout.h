@@ -73,6 +73,8 @@ struct Tile {
   aligned_vector<float> x, t, tw, z, s, g, gx, score, alpha, dalpha;  // tw = w·t (forward: target_stats)
   aligned_vector<float> ex, emax, esum;  // per stage: exp(x - max_c x) (C×TP), the max and Σ_c (TP), once per tile
   std::vector<char> ex_ready;      // ... computed yet for this tile (load_tile resets it)
+  aligned_vector<float> ce_stage;  // forward, per stage and class: VW lanes of Σ_pixels tw_c·(x_c − max_c x)
+                                   // over the tile (stage_ce_sums; the CE sums of the maps made by_product)
   aligned_vector<float> mix;             // C×MIX_ROW: a segment's mixed native rows (interpolate_stage) or its
                                          // column sums (scatter_stage): at most TP + 1 columns, and the permute's
                                          // second table register reads 32 floats from the last
@@ -86,6 +88,7 @@ struct Tile {
       z((size_t)C_ * TP), s((size_t)C_ * TP), g((size_t)C_ * TP), gx((size_t)L_ * C_ * TP),
       score((size_t)max_k * TP), alpha((size_t)max_k * TP), dalpha((size_t)max_k * TP),
       ex((size_t)L_ * C_ * TP), emax((size_t)L_ * TP), esum((size_t)L_ * TP), ex_ready((size_t)L_, 0),
+      ce_stage((size_t)L_ * C_ * VW),
       mix((size_t)C_ * MIX_ROW) {}
   float* xs(int stage, int c) { return &x[((size_t)stage * C + c) * TP]; }
   float* gxs(int stage, int c) { return &gx[((size_t)stage * C + c) * TP]; }

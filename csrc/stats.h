@@ -31,9 +31,10 @@ inline void shifted_exps(const float* __restrict z, int C, float* __restrict e, 
 }
 
 // inv (and with_lse: lse) of unnormalized exponentials with shift m and class sum `sum` (TP), in
-// vectors. With check: false (nothing written) when some pixel's sum is not ≥ 1e-20: its exponentials
-// underflowed — possible only for a product of exponentials (activate_map); a shift by the max gives a
-// sum ≥ 1 (its class contributes exp(0)). The backward needs no lse (no logarithm).
+// vectors; m null: lse = log(sum) alone (the shifted log-sum-exp, activate_map). With check: false (nothing
+// written) when some pixel's sum is not ≥ 1e-20: its exponentials underflowed — possible only for a product
+// of exponentials (activate_map); a shift by the max gives a sum ≥ 1 (its class contributes exp(0)). The
+// backward needs no lse (no logarithm).
 bool finish_softmax(const float* __restrict m, const float* __restrict sum, Tile& tl, bool with_lse,
                     bool check) {
   if (check) {
@@ -43,8 +44,10 @@ bool finish_softmax(const float* __restrict m, const float* __restrict sum, Tile
     for (int l = 0; l < VW; ++l)
       if (!ok[l]) return false;
   }
-  if (with_lse) {
+  if (with_lse && m) {
     for (int i = 0; i < NV; ++i) *(vf*)(tl.lse + VW * i) = *(const vf*)(m + VW * i) + log_v(*(const vf*)(sum + VW * i));
+  } else if (with_lse) {
+    for (int i = 0; i < NV; ++i) *(vf*)(tl.lse + VW * i) = log_v(*(const vf*)(sum + VW * i));
   }
   for (int i = 0; i < NV; ++i) *(vf*)(tl.inv + VW * i) = reciprocal_v(*(const vf*)(sum + VW * i));
   return true;
@@ -107,33 +110,35 @@ inline bool backward_builds_logits(const Problem& pr, const Layout& ly, int u) {
 // add map's are the products of its members': exp(Σ_j x_j − Σ_j m_j) = Π_j exp(x_j − m_j), no
 // exponential of its own (exact in exact arithmetic; where a pixel's product sum underflows, the
 // tile falls back to activate()). The kernels run with denormals flushed to zero (FlushDenormals).
-// z may be null for such an add map (the backward skips its build): it is built here only for a fallback.
-void activate_map(const Problem& pr, const Layout& ly, int u, const float* z, Tile& tl, bool with_lse) {
+// z may be null for such a map (neither pass builds it: by_product); it is built here only for a fallback.
+// Returns the logits activated, or null where the softmax came from the stages' exponentials: then lse is
+// the log of the shifted sum alone, and the CE sums take the shifts and logits from the stages'
+// (stage_ce_sums, accumulate_stats).
+const float* activate_map(const Problem& pr, const Layout& ly, int u, const float* z, Tile& tl, bool with_lse) {
   const int op = pr.map_op[u];
   if (!by_product(pr, ly, u)) {
     activate(pr, z, tl, with_lse);
-    return;
+    return z;
   }
   const int C = ly.C, arg = pr.map_arg[u];
   if (op == OP_ORIG) {  // the stage's exponentials as they are (no copy)
     stage_exp(pr, tl, arg);
     tl.probs = tl.exs(arg);
-    finish_softmax(&tl.emax[(size_t)arg * TP], &tl.esum[(size_t)arg * TP], tl, with_lse, false);
-    return;
+    finish_softmax(nullptr, &tl.esum[(size_t)arg * TP], tl, with_lse, false);
+    return nullptr;
   }
   const int k = pr.subset_size[arg];
   const int32_t* mem = pr.subset_members + ly.sub_start[arg];
   float* s = tl.s.data();
   tl.probs = s;
-  alignas(ALIGN) float m[TP], sum[TP];
+  alignas(ALIGN) float sum[TP];
   for (int j = 0; j < k; ++j) stage_exp(pr, tl, mem[j]);
-  std::memcpy(m, &tl.emax[(size_t)mem[0] * TP], sizeof(float) * TP);
-  for (int j = 1; j < k; ++j) {  // s = e_0 · e_1 (· e_2 ...); the last product also sums over classes
+  for (int j = 1; j < k; ++j)  // s = e_0 · e_1 (· e_2 ...); the last product also sums over classes
     product_rows(C, j == 1 ? tl.exs(mem[0]) : s, tl.exs(mem[j]), s, j == k - 1 ? sum : nullptr);
-    const float* __restrict mj = &tl.emax[(size_t)mem[j] * TP];
-    for (int p = 0; p < TP; ++p) m[p] += mj[p];
-  }
-  if (!finish_softmax(m, sum, tl, with_lse, true)) activate(pr, z ? z : build_map(pr, ly, u, tl), tl, with_lse);
+  if (finish_softmax(nullptr, sum, tl, with_lse, true)) return nullptr;
+  z = z ? z : build_map(pr, ly, u, tl);
+  activate(pr, z, tl, with_lse);
+  return z;
 }
 
 // The forward's per-tile target statistics, added into tg: Σω·t (C), Σω·t^q (C) and Σω; and tl.tw = ω·t,
@@ -168,6 +173,30 @@ void target_stats(const Problem& pr, Tile& tl, double* tg) {
   tg[2 * C] += sum_tp(tl.w);
 }
 
+// The forward's CE sums of stage j's shifted logits over the tile, once per tile (forward_maps): lanes of
+// Σ_pixels tw_c·(x_{j,c} − m_j) into tl.ce_stage (C VW-lane vectors), m_j the stage's max over classes
+// (stage_exp). A map whose softmax is its stages' exponentials (activate_map: an original map, an add map
+// made by product) has the log-sum-exp Σ_j m_j + log(sum) and logits Σ_j x_j, so its CE sum per class is
+// Σ tw_c·log(sum) − Σ_j (this sum of member j): no logits built, one FMA per class vector for its own part.
+// Both parts are sums of terms of one sign (log(sum) ≤ 0 only where members disagree, ≥ −log(C) + that
+// disagreement), so a confident map's small CE is not the difference of two large sums.
+void stage_ce_sums(const Problem& pr, Tile& tl, int j) {
+  static_assert(NV % 2 == 0, "two sums over the tile's vectors");
+  const int C = (int)pr.classes;
+  const float* __restrict m = &tl.emax[(size_t)j * TP];
+  vf* __restrict out = (vf*)&tl.ce_stage[(size_t)j * C * VW];
+  for (int c = 0; c < C; ++c) {
+    const float* __restrict x = tl.xs(j, c);
+    const float* __restrict tw = &tl.tw[(size_t)c * TP];
+    vf a{}, b{};  // (two chains)
+    for (int i = 0; i < NV; i += 2) {
+      a += *(const vf*)(tw + VW * i) * (*(const vf*)(x + VW * i) - *(const vf*)(m + VW * i));
+      b += *(const vf*)(tw + VW * (i + 1)) * (*(const vf*)(x + VW * (i + 1)) - *(const vf*)(m + VW * (i + 1)));
+    }
+    out[c] = a + b;
+  }
+}
+
 // Fold a row of TP per-pixel values into one VW-lane partial (no horizontal reduction per tile).
 inline void fold_row(vf& acc, const float* r) {
   for (int i = 0; i < NV; ++i) acc += *(const vf*)(r + VW * i);
@@ -175,7 +204,9 @@ inline void fold_row(vf& acc, const float* r) {
 
 // accumulate_stats of a softmax map: the three sums in registers over the tile's NV vectors, each going
 // on from its partial. UNIT_W: every w is 1 (Tile::unit_weights), w·s is s (one operation fewer of 6).
-template <bool UNIT_W>
+// SHIFTED (z null, activate_map): lse is the log of the shifted sum alone and the CE sum takes Σ tw·lse;
+// the caller subtracts the members' stage_ce_sums.
+template <bool UNIT_W, bool SHIFTED>
 void softmax_stats(const Problem& pr, const float* __restrict z, Tile& tl, vf* __restrict lanes) {
   const int C = (int)pr.classes;
   const float* __restrict s = tl.probs;
@@ -186,7 +217,10 @@ void softmax_stats(const Problem& pr, const float* __restrict z, Tile& tl, vf* _
     for (int i = 0; i < NV; ++i) {
       const vf sv = *(const vf*)(s + o + VW * i) * *(const vf*)(tl.inv + VW * i);
       const vf wsv = UNIT_W ? sv : *(const vf*)(w + VW * i) * sv;
-      ce += *(const vf*)(&tl.tw[o + VW * i]) * (*(const vf*)(tl.lse + VW * i) - *(const vf*)(z + o + VW * i));
+      if (SHIFTED)
+        ce += *(const vf*)(&tl.tw[o + VW * i]) * *(const vf*)(tl.lse + VW * i);
+      else
+        ce += *(const vf*)(&tl.tw[o + VW * i]) * (*(const vf*)(tl.lse + VW * i) - *(const vf*)(z + o + VW * i));
       in += wsv * *(const vf*)(&tl.t[o + VW * i]);
       zs += pr.q == 2 ? wsv * sv : wsv;
     }
@@ -197,8 +231,11 @@ void softmax_stats(const Problem& pr, const float* __restrict z, Tile& tl, vf* _
 }
 
 // Accumulate the sums of one map (z, tl.s) into VW-lane partials: lanes[c] (ce), lanes[C + c]
-// (inter), lanes[2C + c] (zsum). The caller folds them into double every FLUSH_TILES tiles.
-void accumulate_stats(const Problem& pr, const float* __restrict z, Tile& tl, vf* __restrict lanes) {
+// (inter), lanes[2C + c] (zsum). The caller folds them into double every FLUSH_TILES tiles. z null: a
+// softmax from the stages' exponentials (activate_map) over the n stages `stages`, whose stage_ce_sums
+// complete the CE sums.
+void accumulate_stats(const Problem& pr, const float* __restrict z, Tile& tl, vf* __restrict lanes,
+                      const int32_t* stages = nullptr, int n = 0) {
   const int C = (int)pr.classes;
   const float* __restrict s = tl.probs;
   const float* __restrict w = tl.w;
@@ -220,19 +257,38 @@ void accumulate_stats(const Problem& pr, const float* __restrict z, Tile& tl, vf
     }
     return;
   }
+  if (z) {
+    if (tl.unit_weights)
+      softmax_stats<true, false>(pr, z, tl, lanes);
+    else
+      softmax_stats<false, false>(pr, z, tl, lanes);
+    return;
+  }
   if (tl.unit_weights)
-    softmax_stats<true>(pr, z, tl, lanes);
+    softmax_stats<true, true>(pr, z, tl, lanes);
   else
-    softmax_stats<false>(pr, z, tl, lanes);
+    softmax_stats<false, true>(pr, z, tl, lanes);
+  for (int j = 0; j < n; ++j) {
+    const vf* __restrict sj = (const vf*)&tl.ce_stage[(size_t)stages[j] * C * VW];
+    for (int c = 0; c < C; ++c) lanes[c] -= sj[c];
+  }
 }
 
 // The forward's work on a loaded tile (load_tile, target_stats): every map built, activated and its sums
 // accumulated into its VW-lane partials (3C per map, map u's at lanes + u·3C; accumulate_stats).
+// The maps made by_product build no logits (activate_map, accumulate_stats).
 inline void forward_maps(const Problem& pr, const Layout& ly, Tile& tl, vf* lanes) {
+  if (ly.add_by_product)
+    for (int j = 0; j < ly.L; ++j) {
+      stage_exp(pr, tl, j);
+      stage_ce_sums(pr, tl, j);
+    }
   for (int u = 0; u < ly.M; ++u) {
-    const float* z = build_map(pr, ly, u, tl);
-    activate_map(pr, ly, u, z, tl, true);
-    accumulate_stats(pr, z, tl, lanes + (size_t)u * 3 * ly.C);
+    const bool product = by_product(pr, ly, u);
+    const float* z = activate_map(pr, ly, u, product ? nullptr : build_map(pr, ly, u, tl), tl, true);
+    const int arg = pr.map_arg[u], op = pr.map_op[u];
+    const int32_t* stages = op == OP_ORIG ? &pr.map_arg[u] : pr.subset_members + ly.sub_start[arg];
+    accumulate_stats(pr, z, tl, lanes + (size_t)u * 3 * ly.C, stages, op == OP_ORIG ? 1 : pr.subset_size[arg]);
   }
 }
 
