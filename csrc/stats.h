@@ -178,8 +178,9 @@ void target_stats(const Problem& pr, Tile& tl, double* tg) {
 // (stage_exp). A map whose softmax is its stages' exponentials (activate_map: an original map, an add map
 // made by product) has the log-sum-exp Σ_j m_j + log(sum) and logits Σ_j x_j, so its CE sum per class is
 // Σ tw_c·log(sum) − Σ_j (this sum of member j): no logits built, one FMA per class vector for its own part.
-// Both parts are sums of terms of one sign (log(sum) ≤ 0 only where members disagree, ≥ −log(C) + that
-// disagreement), so a confident map's small CE is not the difference of two large sums.
+// Σ tw·(x − max) ≤ 0; for an original map log(sum) ≥ 0 (its max class adds exp(0)), so its small CE where it
+// is confident is never the difference of two large sums (as lse − z would be); for an add map log(sum) < 0
+// only where its members disagree, by about their disagreement (the product of their exponentials is small).
 void stage_ce_sums(const Problem& pr, Tile& tl, int j) {
   static_assert(NV % 2 == 0, "two sums over the tile's vectors");
   const int C = (int)pr.classes;
