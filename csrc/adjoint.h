@@ -9,12 +9,13 @@ namespace {
 // dL/dz_u of a softmax map (C×TP) into tl.g from the statistic gradients of map u, sample b (C each):
 // g_c = w (s_c (gs_c − dot + a) − gce_c t_c) with gs_c = gi_c t_c + gz_c q s_c^(q−1), dot = Σ_c gs_c s_c,
 // a = Σ_c gce_c t_c. Regrouped around y_c = gce_c − gi_c s_c: a − dot = Σ_c t_c y_c − Σ_c gz_c q s_c^q =: A
-// and g_c = w (s_c (q gz_c s_c^(q−1) + A) − t_c y_c) — 5 operations per class vector for A, 6 for g (7
-// before). One pass over the classes for the two sums of A (in registers), one that recomputes s_c and
-// y_c and writes g (no stored intermediates). PIXEL_GROUP pixel vectors go through each class together:
-// that many independent chains for the sums, not one per vector (benchmarks/cpu_cycles.cpp: 0.87 of this
-// function's cycles); each class's factors are broadcast once for the group (Q2: q = 2; UNIT_W: every
-// w is 1, Tile::unit_weights, and g skips its multiplication by w).
+// and g_c = w (s_c (q gz_c s_c^(q−1) + A) − t_c y_c) — 5 operations per class vector for A, 5 for g (with
+// w; 6 while it recomputed s_c, 7 before that). One pass over the classes for the two sums of A (in
+// registers) that also stores the normalized s_c into g, one that reads it back, recomputes y_c and
+// overwrites it with g_c. PIXEL_GROUP pixel vectors go through each class together: that many independent
+// chains for the sums, not one per vector (benchmarks/cpu_cycles.cpp: 0.87 of this function's cycles);
+// each class's factors are broadcast once for the group (Q2: q = 2; UNIT_W: every w is 1,
+// Tile::unit_weights, and g skips its multiplication by w).
 template <bool Q2, bool UNIT_W>
 void softmax_map_grad(const Problem& pr, Tile& tl, const float* __restrict gce, const float* __restrict gi,
                       const float* __restrict qgz) {
@@ -37,6 +38,7 @@ void softmax_map_grad(const Problem& pr, Tile& tl, const float* __restrict gce, 
       for (int i = 0; i < PIXEL_GROUP; ++i) {
         const size_t o = (size_t)c * TP + VW * (i0 + i);
         const vf sv = *(const vf*)(s + o) * iv[i];
+        *(vf*)(g + o) = sv;  // (the second pass reads s_c from here and overwrites it with g_c)
         ty[i] += *(const vf*)(t + o) * (f.gce - f.gi * sv);
         zq[i] += Q2 ? (f.gz * sv) * sv : f.gz * sv;
       }
@@ -47,7 +49,7 @@ void softmax_map_grad(const Problem& pr, Tile& tl, const float* __restrict gce, 
       const Factors f = factors(c);
       for (int i = 0; i < PIXEL_GROUP; ++i) {
         const size_t o = (size_t)c * TP + VW * (i0 + i);
-        const vf sv = *(const vf*)(s + o) * iv[i];
+        const vf sv = *(const vf*)(g + o);
         const vf y = f.gce - f.gi * sv;
         const vf x = Q2 ? f.gz * sv + A[i] : f.gz + A[i];
         const vf gv = sv * x - *(const vf*)(t + o) * y;
