@@ -118,11 +118,11 @@ struct TileBench {
 
   // The pass's build is 0 where it builds no logits: the forward's maps made by_product, the backward's
   // (backward_builds_logits) — such a map's statistics take the stages' CE sums (stage_ce_sums, timed with
-  // the stage exponentials).
+  // the stage exponentials). An original or add map's adjoint is part of its dL/dz (map_grad), 0 on its own.
   void costs(int u, int n, double fma_rate, double out[6]) {
     const int C = ly.C;
-    const int32_t* stages = pr.map_op[u] == OP_ORIG ? &pr.map_arg[u] : pr.subset_members + ly.sub_start[pr.map_arg[u]];
-    const int n_stages = pr.map_op[u] == OP_ORIG ? 1 : pr.subset_size[pr.map_arg[u]];
+    int n_stages;
+    const int32_t* stages = map_stages(pr, ly, u, n_stages);
     const bool product = by_product(pr, ly, u);
     const float* built = build_map(pr, ly, u, tl);
     out[0] = pr.map_op[u] == OP_ORIG ? 0.0 : slots([&] { built = build_map(pr, ly, u, tl); }, n, C, fma_rate);
@@ -130,8 +130,10 @@ struct TileBench {
     out[1] = slots([&] { z = activate_map(pr, ly, u, product ? nullptr : built, tl, true); }, n, C, fma_rate);
     out[2] = slots([&] { accumulate_stats(pr, z, tl, lanes(u), stages, n_stages); }, n, C, fma_rate);
     out[3] = slots([&] { activate_map(pr, ly, u, built, tl, false); }, n, C, fma_rate);
-    out[4] = slots([&] { map_grad(pr, tl, grad(gce, u), grad(gi, u), grad(gz, u)); }, n, C, fma_rate);
-    out[5] = slots([&] { op_backward(pr, ly, u, tl, dparams()); }, n, C, fma_rate);
+    const bool direct = pr.map_op[u] == OP_ORIG || pr.map_op[u] == OP_ADD;  // map_grad adds g into the stages
+    out[4] = slots([&] { map_grad(pr, tl, grad(gce, u), grad(gi, u), grad(gz, u), direct ? stages : nullptr,
+                                  n_stages); }, n, C, fma_rate);
+    out[5] = direct && n_stages <= MEMBER_UNROLL ? 0.0 : slots([&] { op_backward(pr, ly, u, tl, dparams()); }, n, C, fma_rate);
   }
   // The library's per-tile forward and backward (lomix_cpu.cpp), the tile's logits already in L1.
   void forward_tile() {

@@ -16,10 +16,14 @@ namespace {
 // chains for the sums, not one per vector (benchmarks/cpu_cycles.cpp: 0.87 of this function's cycles);
 // each class's factors are broadcast once for the group (Q2: q = 2; UNIT_W: every w is 1,
 // Tile::unit_weights, and g skips its multiplication by w).
-template <bool Q2, bool UNIT_W>
+// K > 0: g_c is not stored but added into the gradient rows of the K stages `stages` — the whole adjoint of
+// an original map (K = 1) or an add map (K members), without g's store and a pass that reads it back.
+template <bool Q2, bool UNIT_W, int K>
 void softmax_map_grad(const Problem& pr, Tile& tl, const float* __restrict gce, const float* __restrict gi,
-                      const float* __restrict qgz) {
+                      const float* __restrict qgz, const int32_t* stages) {
   const int C = (int)pr.classes;
+  float* gx[K > 0 ? K : 1];
+  for (int j = 0; j < K; ++j) gx[j] = tl.gxs(stages[j], 0);
   const float* __restrict s = tl.probs;
   const float* __restrict t = tl.t.data();
   const float* __restrict w = tl.w;
@@ -52,8 +56,12 @@ void softmax_map_grad(const Problem& pr, Tile& tl, const float* __restrict gce, 
         const vf sv = *(const vf*)(g + o);
         const vf y = f.gce - f.gi * sv;
         const vf x = Q2 ? f.gz * sv + A[i] : f.gz + A[i];
-        const vf gv = sv * x - *(const vf*)(t + o) * y;
-        *(vf*)(g + o) = UNIT_W ? gv : *(const vf*)(w + VW * (i0 + i)) * gv;
+        vf gv = sv * x - *(const vf*)(t + o) * y;
+        if (!UNIT_W) gv *= *(const vf*)(w + VW * (i0 + i));
+        if constexpr (K == 0)
+          *(vf*)(g + o) = gv;
+        else
+          for (int j = 0; j < K; ++j) *(vf*)(gx[j] + o) += gv;
       }
     }
   }
@@ -61,18 +69,29 @@ void softmax_map_grad(const Problem& pr, Tile& tl, const float* __restrict gce, 
 
 // dL/dz_u (C×TP) into tl.g from the statistic gradients of map u, sample b (C each): gce, gi and
 // qgz = q·∂L/∂zsum (scaled once per backward call, so that each class's factor is a broadcast from memory).
-void map_grad(const Problem& pr, Tile& tl, const float* gce, const float* gi, const float* qgz) {
+// With n ≤ MEMBER_UNROLL stages (an original or add map's, softmax): added into their gradient rows instead
+// (softmax_map_grad's K; the map's whole adjoint) — returns whether it did.
+bool map_grad(const Problem& pr, Tile& tl, const float* gce, const float* gi, const float* qgz,
+              const int32_t* stages = nullptr, int n = 0) {
   if (!pr.sigmoid) {
     const bool q2 = pr.q == 2, unit = tl.unit_weights;  // (unit weights: no multiplication by w, exact)
-    if (q2 && unit)
-      softmax_map_grad<true, true>(pr, tl, gce, gi, qgz);
-    else if (q2)
-      softmax_map_grad<true, false>(pr, tl, gce, gi, qgz);
-    else if (unit)
-      softmax_map_grad<false, true>(pr, tl, gce, gi, qgz);
-    else
-      softmax_map_grad<false, false>(pr, tl, gce, gi, qgz);
-    return;
+    auto run = [&](auto kk) {
+      constexpr int K = kk();
+      if (q2 && unit)
+        softmax_map_grad<true, true, K>(pr, tl, gce, gi, qgz, stages);
+      else if (q2)
+        softmax_map_grad<true, false, K>(pr, tl, gce, gi, qgz, stages);
+      else if (unit)
+        softmax_map_grad<false, true, K>(pr, tl, gce, gi, qgz, stages);
+      else
+        softmax_map_grad<false, false, K>(pr, tl, gce, gi, qgz, stages);
+    };
+    if (stages && n <= MEMBER_UNROLL) {
+      remainder_block<MEMBER_UNROLL>(n, 0, [&](auto kk, int) { run(kk); });
+      return true;
+    }
+    run(std::integral_constant<int, 0>{});
+    return false;
   }
   const int C = (int)pr.classes;
   const float* __restrict s = tl.probs;
@@ -89,6 +108,7 @@ void map_grad(const Problem& pr, Tile& tl, const float* gce, const float* gi, co
       gr[p] = w[p] * (gs * sr[p] * (1.0f - sr[p]) + gcec * (sr[p] - tr[p]));
     }
   }
+  return false;
 }
 
 // The cat adjoint into NB consecutive input rows (member j, classes c2..): gx += Σ_c W[c, j·C + c2] g_c,
@@ -349,15 +369,18 @@ void op_backward(const Problem& pr, const Layout& ly, int u, Tile& tl, vf* dpara
 
 // The backward's work on a loaded tile (load_tile): the stage gradients tl.gx zeroed, then every map's
 // softmax recomputed, its dL/dz from the statistic gradients of sample b of B (gce, gi, qgz: (M, B, C);
-// map_grad) and pushed through its operator into tl.gx and the parameter partials (op_backward).
+// map_grad) and pushed through its operator into tl.gx and the parameter partials (op_backward; an
+// original or add map's by map_grad itself).
 inline void backward_maps(const Problem& pr, const Layout& ly, Tile& tl, const float* gce, const float* gi,
                           const float* qgz, int64_t B, int64_t b, vf* dparams) {
   std::fill(tl.gx.begin(), tl.gx.end(), 0.0f);
   for (int u = 0; u < ly.M; ++u) {
     const size_t o = ((size_t)u * B + b) * ly.C;
     activate_map(pr, ly, u, backward_builds_logits(pr, ly, u) ? build_map(pr, ly, u, tl) : nullptr, tl, false);
-    map_grad(pr, tl, gce + o, gi + o, qgz + o);
-    op_backward(pr, ly, u, tl, dparams);
+    int n;
+    const int32_t* stages = map_stages(pr, ly, u, n);
+    const bool direct = pr.map_op[u] == OP_ORIG || pr.map_op[u] == OP_ADD;  // the adjoint: g into every stage
+    if (!map_grad(pr, tl, gce + o, gi + o, qgz + o, direct ? stages : nullptr, n)) op_backward(pr, ly, u, tl, dparams);
   }
 }
 }  // namespace

@@ -99,6 +99,17 @@ inline bool by_product(const Problem& pr, const Layout& ly, int u) {
   return ly.add_by_product && (pr.map_op[u] == OP_ORIG || pr.map_op[u] == OP_ADD);
 }
 
+// The stages map u is made of (n of them): its stage for an original map, else its subset's members.
+inline const int32_t* map_stages(const Problem& pr, const Layout& ly, int u, int& n) {
+  const int arg = pr.map_arg[u];
+  if (pr.map_op[u] == OP_ORIG) {
+    n = 1;
+    return &pr.map_arg[u];
+  }
+  n = pr.subset_size[arg];
+  return pr.subset_members + ly.sub_start[arg];
+}
+
 // Whether the backward builds map u's logits: every map but an add map whose softmax is made from its
 // members' exponentials (by_product), which needs none (activate_map builds them only for a fallback).
 inline bool backward_builds_logits(const Problem& pr, const Layout& ly, int u) {
@@ -287,9 +298,9 @@ inline void forward_maps(const Problem& pr, const Layout& ly, Tile& tl, vf* lane
   for (int u = 0; u < ly.M; ++u) {
     const bool product = by_product(pr, ly, u);
     const float* z = activate_map(pr, ly, u, product ? nullptr : build_map(pr, ly, u, tl), tl, true);
-    const int arg = pr.map_arg[u], op = pr.map_op[u];
-    const int32_t* stages = op == OP_ORIG ? &pr.map_arg[u] : pr.subset_members + ly.sub_start[arg];
-    accumulate_stats(pr, z, tl, lanes + (size_t)u * 3 * ly.C, stages, op == OP_ORIG ? 1 : pr.subset_size[arg]);
+    int n;
+    const int32_t* stages = map_stages(pr, ly, u, n);
+    accumulate_stats(pr, z, tl, lanes + (size_t)u * 3 * ly.C, stages, n);
   }
 }
 
