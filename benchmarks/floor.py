@@ -35,26 +35,42 @@ def _add_maps_by_product(crit) -> bool:
     return softmax and n_add > 0 and (has_orig or n_add > crit.num_stages)
 
 
+# dL/dz per class and pixel, beyond the softmax's normalized s (SPEC §5): g_j = s_j (K + q·gz_j s_j^(q−1)) +
+# t_j (gi_j s_j − gce_j) with K = Σ_c t_c (gce_c − gi_c s_c) − Σ_c q·gz_c s_c^q. The sum K takes 2 operations
+# per class for its t-part (y = gce − gi·s, then t·y accumulated) and 2 (q = 2: q·gz·s, then ·s accumulated)
+# or 1 (q = 1) for its zsum part; g_j takes 4 (q·gz·s + K, gi·s − gce, t times that, s times the first
+# minus it; q = 1: gz + K for the first). Four distinct products per term leave no FMA to spare.
+DLDZ_OPS = {2: 8, 1: 7}
+
+
 def work_per_pixel(crit):
     """(FP32 operations, exponentials) per output pixel of one fused forward + backward, counting an
     FMA as one operation: a lower-bound model of the work (what the fused algorithm must do).
 
     Per map and pass (forward, and the backward's recompute): the operator's build, the softmax's C
-    exponentials and its max, shift, sum and normalize, the forward's three weighted sums and one
-    logarithm, the backward's dL/dz and the operator's adjoint. Exponentials are made once per stage
-    and pass where original maps use them; an add map then multiplies its members' ((k−1)·C products)
-    instead of exponentiating its own logits, and its backward needs no logits (no build)."""
+    exponentials and its max, shift, sum and normalize, the forward's three weighted sums (CE, intersection,
+    prediction sum: 4C) and one logarithm, the backward's dL/dz (DLDZ_OPS per class) and the operator's
+    adjoint. Exponentials are made once per stage and pass where original maps use them; an add map then
+    multiplies its members' ((k−1)·C products) instead of exponentiating its own logits and builds no logits
+    in either pass: an original or add map made so takes its CE's logit part from per-stage sums made once
+    per tile (2C per stage: x − max and its weighted sum), its own part one FMA (3C for the three sums)."""
     C = crit.num_classes
     by_product = _add_maps_by_product(crit)
+    dldz = DLDZ_OPS[2 if crit._opts.get("dice_squared", True) else 1] * C
     ops = exps = 0
     if by_product or any(m.op == "orig" for m in crit.maps):
         exps += 2 * C * crit.num_stages  # each stage's exponentials, forward and recompute
+    if by_product:
+        ops += 2 * C * crit.num_stages  # each stage's CE sums (forward)
     for m in crit.maps:
         k = len(m.members)
         build_fwd = build_bwd = adjoint = 0
+        stats = 3 * C if by_product and m.op in ("orig", "add") else 4 * C
         if m.op in ("add", "mult"):
             build_fwd, adjoint = (k - 1) * C, (k - 1) * C * (2 if m.op == "mult" else 1)
-            build_bwd = 0 if (m.op == "add" and by_product) else build_fwd
+            if m.op == "add" and by_product:
+                build_fwd = 0
+            build_bwd = build_fwd
         elif m.op == "cat":
             build_fwd, adjoint = k * C * C, 2 * k * C * C  # 1x1 conv; backward: input grads + weight grads
             build_bwd = build_fwd
@@ -67,8 +83,8 @@ def work_per_pixel(crit):
         products = (k - 1) * C if (m.op == "add" and by_product) else 0
         exps += (2 * C if own_exps else 0) + 1  # softmax exps forward and recompute; the forward's log
         # forward: build + softmax (max, shift, sum, normalize) + three weighted sums;
-        # backward: recompute + dL/dz (softmax Jacobian-vector product, ~6 per class) + adjoint
-        ops += (build_fwd + products + 4 * C + 4 * C) + (build_bwd + products + 4 * C + 6 * C + adjoint)
+        # backward: recompute + dL/dz (the softmax's Jacobian-vector product, DLDZ_OPS) + adjoint
+        ops += (build_fwd + products + 4 * C + stats) + (build_bwd + products + 4 * C + dldz + adjoint)
     return ops, exps
 
 

@@ -15,23 +15,35 @@ def test_work_grows_with_classes_and_maps():
     small, more_classes, more_maps = (floor.work_per_pixel(lk.LoMixLoss(L, C)) for L, C in ((3, 4), (3, 8), (4, 4)))
     assert more_classes[0] > 2 * small[0] and more_classes[1] > small[1]
     assert more_maps[0] > small[0] and more_maps[1] > small[1]
-    # deep supervision: per map only the softmax/statistics work, no operator builds or adjoints; the
-    # stages' exponentials (forward and recompute) and one logarithm per map
+    # deep supervision: per map only the softmax/statistics work, no operator builds or adjoints — the
+    # forward's softmax 4C and sums 4C, the backward's softmax 4C and dL/dz 8C (q = 2); the stages'
+    # exponentials (forward and recompute) and one logarithm per map
     ds = floor.work_per_pixel(lk.LoMixLoss(4, 9, scheme="deep_supervision"))
-    assert ds == (4 * 18 * 9, 4 * 2 * 9 + 4)
+    assert ds == (4 * 20 * 9, 4 * 2 * 9 + 4)
+
+
+def test_dl_dz_counts_the_squared_dice_terms():
+    """dL/dz takes 8 operations per class with the squared Dice denominator (q = 2), 7 with q = 1
+    (floor.DLDZ_OPS): one C per map between the two."""
+    squared, plain = (lk.LoMixLoss(4, 9, dice_squared=q2) for q2 in (True, False))
+    assert floor.work_per_pixel(squared)[0] - floor.work_per_pixel(plain)[0] == len(squared.maps) * 9
+    assert floor.work_per_pixel(squared)[1] == floor.work_per_pixel(plain)[1]
 
 
 def test_add_maps_multiply_their_members_exponentials():
     """With the original maps in the plan, an add map costs (k−1)·C products per pass instead of 2C
-    exponentials, and no build in the backward (csrc/layout.h's rule); with a sigmoid it has its own."""
-    C = 9
-    with_add = floor.work_per_pixel(lk.LoMixLoss(4, C, ops=["add"]))
-    no_add = floor.work_per_pixel(lk.LoMixLoss(4, C, ops=[]))
-    add_maps = [m for m in lk.LoMixLoss(4, C, ops=["add"]).maps if m.op == "add"]
+    exponentials and builds no logits in either pass (csrc/layout.h's rule); it and the original maps
+    take their CE sums' logit part from per-stage sums (2C per stage, 3C for a map's own sums instead of
+    4C); with a sigmoid it has its own exponentials."""
+    C, L = 9, 4
+    with_add = floor.work_per_pixel(lk.LoMixLoss(L, C, ops=["add"]))
+    no_add = floor.work_per_pixel(lk.LoMixLoss(L, C, ops=[]))
+    add_maps = [m for m in lk.LoMixLoss(L, C, ops=["add"]).maps if m.op == "add"]
     assert with_add[1] - no_add[1] == len(add_maps)  # the forward's logarithm only
-    # per pass the products, the forward's build, the adjoint, and the softmax/statistics work
-    per_map = sum(4 * (len(m.members) - 1) * C + 18 * C for m in add_maps)
-    assert with_add[0] - no_add[0] == per_map
+    # per map: both passes' products, the adjoint, the softmax work (4C + 4C), its sums (3C), dL/dz (8C)
+    per_map = sum(3 * (len(m.members) - 1) * C + 19 * C for m in add_maps)
+    stages = 2 * C * L - C * L  # the stages' CE sums, and one C less for each original map's sums
+    assert with_add[0] - no_add[0] == per_map + stages
     sigmoid = lk.LoMixLoss(4, 1, ops=["add"], activation="sigmoid")  # every add map its own exponentials
     assert floor.work_per_pixel(sigmoid)[1] == 2 * 1 * 4 + len(add_maps) * (2 * 1 + 1) + 4
 
