@@ -116,10 +116,12 @@ struct TileBench {
     if (forward) target_stats(pr, tl, target_sums);
   }
 
-  // The pass's build is 0 where it builds no logits: the forward's maps made by_product, the backward's
-  // (backward_builds_logits) — such a map's statistics take the stages' CE sums (stage_ce_sums, timed with
-  // the stage exponentials). An original or add map's adjoint is part of its dL/dz (map_grad), 0 on its own.
-  void costs(int u, int n, double fma_rate, double out[6]) {
+  // out: build, activate (forward), statistics, activate (backward), dL/dz, adjoint, and the forward's and
+  // backward's totals. A pass's build counts only where it builds logits: not the forward's maps made
+  // by_product (their statistics take the stages' CE sums, stage_ce_sums, timed with the stage
+  // exponentials), not the backward's without backward_builds_logits. The adjoint is 0 where map_grad did
+  // it (an original or add map: part of its dL/dz).
+  void costs(int u, int n, double fma_rate, double out[8]) {
     const int C = ly.C;
     int n_stages;
     const int32_t* stages = map_stages(pr, ly, u, n_stages);
@@ -130,10 +132,14 @@ struct TileBench {
     out[1] = slots([&] { z = activate_map(pr, ly, u, product ? nullptr : built, tl, true); }, n, C, fma_rate);
     out[2] = slots([&] { accumulate_stats(pr, z, tl, lanes(u), stages, n_stages); }, n, C, fma_rate);
     out[3] = slots([&] { activate_map(pr, ly, u, built, tl, false); }, n, C, fma_rate);
-    const bool direct = pr.map_op[u] == OP_ORIG || pr.map_op[u] == OP_ADD;  // map_grad adds g into the stages
-    out[4] = slots([&] { map_grad(pr, tl, grad(gce, u), grad(gi, u), grad(gz, u), direct ? stages : nullptr,
-                                  n_stages); }, n, C, fma_rate);
-    out[5] = direct && n_stages <= MEMBER_UNROLL ? 0.0 : slots([&] { op_backward(pr, ly, u, tl, dparams()); }, n, C, fma_rate);
+    int n_grad;
+    const int32_t* grad_stages = adjoint_stages(pr, ly, u, n_grad);
+    const auto dl_dz = [&] { return map_grad(pr, tl, grad(gce, u), grad(gi, u), grad(gz, u), grad_stages, n_grad); };
+    const bool adjoint_done = dl_dz();
+    out[4] = slots(dl_dz, n, C, fma_rate);
+    out[5] = adjoint_done ? 0.0 : slots([&] { op_backward(pr, ly, u, tl, dparams()); }, n, C, fma_rate);
+    out[6] = (product ? 0.0 : out[0]) + out[1] + out[2];
+    out[7] = (backward_builds_logits(pr, ly, u) ? out[0] : 0.0) + out[3] + out[4] + out[5];
   }
   // The library's per-tile forward and backward (lomix_cpu.cpp), the tile's logits already in L1.
   void forward_tile() {
@@ -153,12 +159,10 @@ void per_kind_table(int C, int n, double fma_rate) {
   std::printf("| map | build | activate (forward) | statistics | activate (backward) | dL/dz | adjoint | forward | backward |\n");
   std::printf("|---|---|---|---|---|---|---|---|---|\n");
   for (int u = L - 1; u < L + 4; ++u) {  // the last original map, then add, mult, cat, awf
-    double c[6];
+    double c[8];
     tb.costs(u, n, fma_rate, c);
-    const double build = by_product(tp.pr, tb.ly, u) ? 0.0 : c[0];  // the forward's build
-    const double rebuild = backward_builds_logits(tp.pr, tb.ly, u) ? c[0] : 0.0;  // the backward's recompute
     std::printf("| %s | %.1f | %.1f | %.1f | %.1f | %.1f | %.1f | %.1f | %.1f |\n", KIND_NAMES[tp.op[u]], c[0], c[1],
-                c[2], c[3], c[4], c[5], build + c[1] + c[2], rebuild + c[3] + c[4] + c[5]);
+                c[2], c[3], c[4], c[5], c[6], c[7]);
   }
   const double exps = slots([&] { tb.tl.ex_ready.assign(L, 0); stage_exp(tb.pr, tb.tl, 0); }, n, C, fma_rate);
   const double ce_sums = slots([&] { stage_ce_sums(tb.pr, tb.tl, 0); }, n, C, fma_rate);
@@ -183,15 +187,12 @@ void whole_tile_table(int C, int n, double fma_rate) {
   double by_k[5][L + 1][8] = {};  // (kind, k): the six functions, forward, backward, summed over the maps
   int count_k[5][L + 1] = {};
   for (int u = 0; u < M; ++u) {
-    double c[6];
+    double c[8];
     tb.costs(u, n, fma_rate, c);
     const int kind = tp.op[u], k = kind == OP_ORIG ? 1 : tp.subset_size[tp.arg[u]];
-    const double f = (by_product(tp.pr, tb.ly, u) ? 0.0 : c[0]) + c[1] + c[2];
-    const double b = (backward_builds_logits(tp.pr, tb.ly, u) ? c[0] : 0.0) + c[3] + c[4] + c[5];
     ++count[kind], ++count_k[kind][k];
-    fwd[kind] += f, bwd[kind] += b;
-    for (int i = 0; i < 6; ++i) by_k[kind][k][i] += c[i];
-    by_k[kind][k][6] += f, by_k[kind][k][7] += b;
+    fwd[kind] += c[6], bwd[kind] += c[7];
+    for (int i = 0; i < 8; ++i) by_k[kind][k][i] += c[i];
   }
   const double exps = slots([&] { tb.tl.ex_ready.assign(L, 0); stage_exp(tb.pr, tb.tl, 0); }, n, C, fma_rate);
   const double ce_sums = tb.ly.add_by_product ? slots([&] { stage_ce_sums(tb.pr, tb.tl, 0); }, n, C, fma_rate) : 0.0;

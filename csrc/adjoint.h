@@ -367,6 +367,13 @@ void op_backward(const Problem& pr, const Layout& ly, int u, Tile& tl, vf* dpara
 }
 
 
+// The stages into whose gradient rows map_grad adds map u's dL/dz itself, its whole adjoint (n of them): an
+// original or add map's stages; null for the other operators (op_backward).
+inline const int32_t* adjoint_stages(const Problem& pr, const Layout& ly, int u, int& n) {
+  const int32_t* stages = map_stages(pr, ly, u, n);
+  return pr.map_op[u] == OP_ORIG || pr.map_op[u] == OP_ADD ? stages : nullptr;
+}
+
 // The backward's work on a loaded tile (load_tile): the stage gradients tl.gx zeroed, then every map's
 // softmax recomputed, its dL/dz from the statistic gradients of sample b of B (gce, gi, qgz: (M, B, C);
 // map_grad) and pushed through its operator into tl.gx and the parameter partials (op_backward; an
@@ -378,9 +385,8 @@ inline void backward_maps(const Problem& pr, const Layout& ly, Tile& tl, const f
     const size_t o = ((size_t)u * B + b) * ly.C;
     activate_map(pr, ly, u, backward_builds_logits(pr, ly, u) ? build_map(pr, ly, u, tl) : nullptr, tl, false);
     int n;
-    const int32_t* stages = map_stages(pr, ly, u, n);
-    const bool direct = pr.map_op[u] == OP_ORIG || pr.map_op[u] == OP_ADD;  // the adjoint: g into every stage
-    if (!map_grad(pr, tl, gce + o, gi + o, qgz + o, direct ? stages : nullptr, n)) op_backward(pr, ly, u, tl, dparams);
+    const int32_t* stages = adjoint_stages(pr, ly, u, n);
+    if (!map_grad(pr, tl, gce + o, gi + o, qgz + o, stages, n)) op_backward(pr, ly, u, tl, dparams);
   }
 }
 }  // namespace
