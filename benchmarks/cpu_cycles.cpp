@@ -120,7 +120,7 @@ struct TileBench {
   // backward's totals. A pass's build counts only where it builds logits: not the forward's maps made
   // by_product (their statistics take the stages' CE sums, stage_ce_sums, timed with the stage
   // exponentials), not the backward's without backward_builds_logits. The adjoint is 0 where map_grad did
-  // it (an original or add map: part of its dL/dz).
+  // it (an original, add or mult map: part of its dL/dz).
   void costs(int u, int n, double fma_rate, double out[8]) {
     const int C = ly.C;
     int n_stages;
@@ -132,9 +132,8 @@ struct TileBench {
     out[1] = slots([&] { z = activate_map(pr, ly, u, product ? nullptr : built, tl, true); }, n, C, fma_rate);
     out[2] = slots([&] { accumulate_stats(pr, z, tl, lanes(u), stages, n_stages); }, n, C, fma_rate);
     out[3] = slots([&] { activate_map(pr, ly, u, built, tl, false); }, n, C, fma_rate);
-    int n_grad;
-    const int32_t* grad_stages = adjoint_stages(pr, ly, u, n_grad);
-    const auto dl_dz = [&] { return map_grad(pr, tl, grad(gce, u), grad(gi, u), grad(gz, u), grad_stages, n_grad); };
+    const FusedAdjoint fused = fused_adjoint(pr, ly, u);
+    const auto dl_dz = [&] { return map_grad(pr, tl, grad(gce, u), grad(gi, u), grad(gz, u), fused); };
     const bool adjoint_done = dl_dz();
     out[4] = slots(dl_dz, n, C, fma_rate);
     out[5] = adjoint_done ? 0.0 : slots([&] { op_backward(pr, ly, u, tl, dparams()); }, n, C, fma_rate);

@@ -6,6 +6,31 @@
 
 namespace {
 
+// The adjoint of a mult map of K members (z = Π_j x_j) at one class vector, offset e of the members' rows x
+// and gradient rows gx: gx_j += g · Π_{i≠j} x_i. K = 2: g times the other member (2 FMAs). K ≥ 3: the
+// members' vectors, the prefix products (from g) and the suffix products in registers, 3K − 3 operations
+// (benchmarks/floor.py counts 2(K − 1)) where a pass per member copied g, multiplied it by K − 1 rows and
+// added it to a gradient row (make cycles: synapse2d's 11 mult maps, k = 2..4, backward 736 -> 450 slots).
+template <int K>
+inline void mult_adjoint_at(vf gv, const float* const* x, float* const* gx, size_t e) {
+  if constexpr (K == 2) {
+    const vf x0 = *(const vf*)(x[0] + e), x1 = *(const vf*)(x[1] + e);
+    *(vf*)(gx[0] + e) += gv * x1;
+    *(vf*)(gx[1] + e) += gv * x0;
+  } else {
+    vf xv[K], suffix[K];  // suffix[j] = Π_{i>j} x_i (j < K − 1)
+    for (int j = 0; j < K; ++j) xv[j] = *(const vf*)(x[j] + e);
+    suffix[K - 2] = xv[K - 1];
+    for (int j = K - 3; j >= 0; --j) suffix[j] = suffix[j + 1] * xv[j + 1];
+    vf prefix = gv;  // g · Π_{i<j} x_i
+    for (int j = 0; j < K - 1; ++j) {
+      *(vf*)(gx[j] + e) += prefix * suffix[j];
+      prefix *= xv[j];
+    }
+    *(vf*)(gx[K - 1] + e) += prefix;
+  }
+}
+
 // dL/dz_u of a softmax map (C×TP) into tl.g from the statistic gradients of map u, sample b (C each):
 // g_c = w (s_c (gs_c − dot + a) − gce_c t_c) with gs_c = gi_c t_c + gz_c q s_c^(q−1), dot = Σ_c gs_c s_c,
 // a = Σ_c gce_c t_c. Regrouped around y_c = gce_c − gi_c s_c: a − dot = Σ_c t_c y_c − Σ_c gz_c q s_c^q =: A
@@ -16,14 +41,19 @@ namespace {
 // chains for the sums, not one per vector (benchmarks/cpu_cycles.cpp: 0.87 of this function's cycles);
 // each class's factors are broadcast once for the group (Q2: q = 2; UNIT_W: every w is 1,
 // Tile::unit_weights, and g skips its multiplication by w).
-// K > 0: g_c is not stored but added into the gradient rows of the K stages `stages` — the whole adjoint of
-// an original map (K = 1) or an add map (K members), without g's store and a pass that reads it back.
-template <bool Q2, bool UNIT_W, int K>
+// K > 0: g_c is not stored but pushed into the gradient rows of the K stages `stages` — the whole adjoint of
+// an original map (K = 1) or an add map (K members: added), or (MULT) of a mult map (mult_adjoint_at), without
+// g's store and a pass that reads it back.
+template <bool Q2, bool UNIT_W, int K, bool MULT>
 void softmax_map_grad(const Problem& pr, Tile& tl, const float* __restrict gce, const float* __restrict gi,
                       const float* __restrict qgz, const int32_t* stages) {
   const int C = (int)pr.classes;
+  const float* xm[K > 0 ? K : 1];  // the stages' logits and gradient rows
   float* gx[K > 0 ? K : 1];
-  for (int j = 0; j < K; ++j) gx[j] = tl.gxs(stages[j], 0);
+  for (int j = 0; j < K; ++j) {
+    xm[j] = tl.xs(stages[j], 0);
+    gx[j] = tl.gxs(stages[j], 0);
+  }
   const float* __restrict s = tl.probs;
   const float* __restrict t = tl.t.data();
   const float* __restrict w = tl.w;
@@ -60,6 +90,8 @@ void softmax_map_grad(const Problem& pr, Tile& tl, const float* __restrict gce, 
         if (!UNIT_W) gv *= *(const vf*)(w + VW * (i0 + i));
         if constexpr (K == 0)
           *(vf*)(g + o) = gv;
+        else if constexpr (MULT)
+          mult_adjoint_at<K>(gv, xm, gx, o);
         else
           for (int j = 0; j < K; ++j) *(vf*)(gx[j] + o) += gv;
       }
@@ -67,30 +99,44 @@ void softmax_map_grad(const Problem& pr, Tile& tl, const float* __restrict gce, 
   }
 }
 
+// The operator adjoint map_grad does itself (fused_adjoint): none (n = 0), or map u's stages (n of them) and
+// whether it multiplies (a mult map) or adds (an original or add map).
+struct FusedAdjoint {
+  const int32_t* stages = nullptr;
+  int n = 0;
+  bool mult = false;
+};
+
 // dL/dz_u (C×TP) into tl.g from the statistic gradients of map u, sample b (C each): gce, gi and
 // qgz = q·∂L/∂zsum (scaled once per backward call, so that each class's factor is a broadcast from memory).
-// With n ≤ MEMBER_UNROLL stages (an original or add map's, softmax): added into their gradient rows instead
-// (softmax_map_grad's K; the map's whole adjoint) — returns whether it did.
+// With fa's n ≤ MEMBER_UNROLL stages (an original, add or mult map's, softmax): pushed into their gradient rows
+// instead (softmax_map_grad's K; the map's whole adjoint) — returns whether it did.
 bool map_grad(const Problem& pr, Tile& tl, const float* gce, const float* gi, const float* qgz,
-              const int32_t* stages = nullptr, int n = 0) {
+              const FusedAdjoint& fa = {}) {
   if (!pr.sigmoid) {
     const bool q2 = pr.q == 2, unit = tl.unit_weights;  // (unit weights: no multiplication by w, exact)
-    auto run = [&](auto kk) {
+    auto run = [&](auto kk, auto mult) {
       constexpr int K = kk();
+      constexpr bool M = mult();
       if (q2 && unit)
-        softmax_map_grad<true, true, K>(pr, tl, gce, gi, qgz, stages);
+        softmax_map_grad<true, true, K, M>(pr, tl, gce, gi, qgz, fa.stages);
       else if (q2)
-        softmax_map_grad<true, false, K>(pr, tl, gce, gi, qgz, stages);
+        softmax_map_grad<true, false, K, M>(pr, tl, gce, gi, qgz, fa.stages);
       else if (unit)
-        softmax_map_grad<false, true, K>(pr, tl, gce, gi, qgz, stages);
+        softmax_map_grad<false, true, K, M>(pr, tl, gce, gi, qgz, fa.stages);
       else
-        softmax_map_grad<false, false, K>(pr, tl, gce, gi, qgz, stages);
+        softmax_map_grad<false, false, K, M>(pr, tl, gce, gi, qgz, fa.stages);
     };
-    if (stages && n <= MEMBER_UNROLL) {
-      remainder_block<MEMBER_UNROLL>(n, 0, [&](auto kk, int) { run(kk); });
+    if (fa.stages && fa.n <= MEMBER_UNROLL) {
+      remainder_block<MEMBER_UNROLL>(fa.n, 0, [&](auto kk, int) {
+        if (!fa.mult)
+          run(kk, std::false_type{});
+        else if constexpr (kk() >= 2)
+          run(kk, std::true_type{});
+      });
       return true;
     }
-    run(std::integral_constant<int, 0>{});
+    run(std::integral_constant<int, 0>{}, std::false_type{});
     return false;
   }
   const int C = (int)pr.classes;
@@ -190,12 +236,9 @@ inline void add_adjoint(const float* __restrict g, const int32_t* mem, int C, Ti
   }
 }
 
-// The adjoint of a mult map of K members (z = Π_j x_j): gx_j += g · Π_{i≠j} x_i in one pass over g. K = 2:
-// g times the other member (2 FMAs per class vector). K ≥ 3: the members' vectors, the prefix products (from
-// g) and the suffix products in registers, 3K − 3 operations (benchmarks/floor.py counts 2(K − 1)) where a
-// pass per member copied g, multiplied it by K − 1 rows and added it to a gradient row (make cycles:
-// synapse2d's 11 mult maps, k = 2..4, backward 736 -> 450 slots). Larger subsets than MEMBER_UNROLL: the
-// loop in op_backward (K(K − 1) operations, one pass).
+// The adjoint of a mult map of K members (z = Π_j x_j) in one pass over g (mult_adjoint_at; a softmax map's
+// is fused into map_grad). Larger subsets than MEMBER_UNROLL: the loop in op_backward (K(K − 1) operations,
+// one pass).
 template <int K>
 inline void mult_adjoint(const float* __restrict g, const int32_t* mem, int C, Tile& tl) {
   const float* x[K];
@@ -204,25 +247,7 @@ inline void mult_adjoint(const float* __restrict g, const int32_t* mem, int C, T
     x[j] = tl.xs(mem[j], 0);
     gx[j] = tl.gxs(mem[j], 0);
   }
-  for (int e = 0; e < C * TP; e += VW) {
-    const vf gv = *(const vf*)(g + e);
-    if constexpr (K == 2) {
-      const vf x0 = *(const vf*)(x[0] + e), x1 = *(const vf*)(x[1] + e);
-      *(vf*)(gx[0] + e) += gv * x1;
-      *(vf*)(gx[1] + e) += gv * x0;
-    } else {
-      vf xv[K], suffix[K];  // suffix[j] = Π_{i>j} x_i (j < K − 1)
-      for (int j = 0; j < K; ++j) xv[j] = *(const vf*)(x[j] + e);
-      suffix[K - 2] = xv[K - 1];
-      for (int j = K - 3; j >= 0; --j) suffix[j] = suffix[j + 1] * xv[j + 1];
-      vf prefix = gv;  // g · Π_{i<j} x_i
-      for (int j = 0; j < K - 1; ++j) {
-        *(vf*)(gx[j] + e) += prefix * suffix[j];
-        prefix *= xv[j];
-      }
-      *(vf*)(gx[K - 1] + e) += prefix;
-    }
-  }
+  for (int e = 0; e < C * TP; e += VW) mult_adjoint_at<K>(*(const vf*)(g + e), x, gx, e);
 }
 
 // The attention weights' gradients of an awf map of K members, dα_j = <g, x_{s_j}> over classes (K×TP, into
@@ -367,26 +392,29 @@ void op_backward(const Problem& pr, const Layout& ly, int u, Tile& tl, vf* dpara
 }
 
 
-// The stages into whose gradient rows map_grad adds map u's dL/dz itself, its whole adjoint (n of them): an
-// original or add map's stages; null for the other operators (op_backward).
-inline const int32_t* adjoint_stages(const Problem& pr, const Layout& ly, int u, int& n) {
-  const int32_t* stages = map_stages(pr, ly, u, n);
-  return pr.map_op[u] == OP_ORIG || pr.map_op[u] == OP_ADD ? stages : nullptr;
+// The operator adjoint map_grad does itself for map u: an original, add or mult map's (its stages); none
+// for the other operators (op_backward).
+inline FusedAdjoint fused_adjoint(const Problem& pr, const Layout& ly, int u) {
+  FusedAdjoint fa;
+  const int op = pr.map_op[u];
+  if (op == OP_ORIG || op == OP_ADD || op == OP_MULT) {
+    fa.stages = map_stages(pr, ly, u, fa.n);
+    fa.mult = op == OP_MULT;
+  }
+  return fa;
 }
 
 // The backward's work on a loaded tile (load_tile): the stage gradients tl.gx zeroed, then every map's
 // softmax recomputed, its dL/dz from the statistic gradients of sample b of B (gce, gi, qgz: (M, B, C);
 // map_grad) and pushed through its operator into tl.gx and the parameter partials (op_backward; an
-// original or add map's by map_grad itself).
+// original, add or mult map's by map_grad itself).
 inline void backward_maps(const Problem& pr, const Layout& ly, Tile& tl, const float* gce, const float* gi,
                           const float* qgz, int64_t B, int64_t b, vf* dparams) {
   std::fill(tl.gx.begin(), tl.gx.end(), 0.0f);
   for (int u = 0; u < ly.M; ++u) {
     const size_t o = ((size_t)u * B + b) * ly.C;
     activate_map(pr, ly, u, backward_builds_logits(pr, ly, u) ? build_map(pr, ly, u, tl) : nullptr, tl, false);
-    int n;
-    const int32_t* stages = adjoint_stages(pr, ly, u, n);
-    if (!map_grad(pr, tl, gce + o, gi + o, qgz + o, stages, n)) op_backward(pr, ly, u, tl, dparams);
+    if (!map_grad(pr, tl, gce + o, gi + o, qgz + o, fused_adjoint(pr, ly, u))) op_backward(pr, ly, u, tl, dparams);
   }
 }
 }  // namespace
