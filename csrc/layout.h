@@ -84,6 +84,9 @@ struct Tile {
                                    // statistics and dL/dz skip their multiplications by w (w·a = a exactly)
   alignas(ALIGN) float lse[TP];
   alignas(ALIGN) float inv[TP];   // softmax: probs holds exp(z - max); inv = 1 / Σ_c
+  alignas(ALIGN) float zmax[TP];  // the max over classes of the logits build_map made last, where zmax_ready:
+  bool zmax_ready = false;        // taken while they were written (a mult or add map, an awf map: maps.h),
+                                  // so that the softmax skips its max pass (activate)
   Tile(int L_, int C_, int max_k) : L(L_), C(C_), x((size_t)L_ * C_ * TP), t((size_t)C_ * TP), tw((size_t)C_ * TP),
       z((size_t)C_ * TP), s((size_t)C_ * TP), g((size_t)C_ * TP), gx((size_t)L_ * C_ * TP),
       score((size_t)max_k * TP), alpha((size_t)max_k * TP), dalpha((size_t)max_k * TP),

@@ -36,16 +36,24 @@ inline void with_members(int k, F&& f, G&& g) {
   });
 }
 
-// z = x_0 ∘ x_1 ∘ … over C×TP (∘: + or ⊙), in member order ((x_0 ∘ x_1) ∘ x_2 ...): each z vector written once.
+// z = x_0 ∘ x_1 ∘ … over C×TP (∘: + or ⊙), in member order ((x_0 ∘ x_1) ∘ x_2 ...): each z vector written once,
+// and its max over classes kept in registers on the way (into tl.zmax: the softmax's max pass, Tile::zmax).
 template <int K, bool MULT>
 inline void fold_members(Tile& tl, const int32_t* mem, int C, float* __restrict z) {
   const float* x[K];
   for (int j = 0; j < K; ++j) x[j] = tl.xs(mem[j], 0);
-  for (int e = 0; e < C * TP; e += VW) {
+  auto fold = [&](size_t e) {
     vf v = *(const vf*)(x[0] + e);
     for (int j = 1; j < K; ++j) v = MULT ? v * *(const vf*)(x[j] + e) : v + *(const vf*)(x[j] + e);
     *(vf*)(z + e) = v;
-  }
+    return v;
+  };
+  vf m[NV];
+  for (int i = 0; i < NV; ++i) m[i] = fold(VW * i);
+  for (int c = 1; c < C; ++c)
+    for (int i = 0; i < NV; ++i) m[i] = vmax(fold((size_t)c * TP + VW * i), m[i]);
+  for (int i = 0; i < NV; ++i) *(vf*)(tl.zmax + VW * i) = m[i];
+  tl.zmax_ready = true;
 }
 template <bool MULT>
 inline void fold_members_loop(Tile& tl, const int32_t* mem, int k, int C, float* __restrict z) {
@@ -60,31 +68,38 @@ inline void fold_members_loop(Tile& tl, const int32_t* mem, int k, int C, float*
 // vectors at a time (weights_group) with their K weights in registers, so each class loads only the members'
 // vectors (a loop over classes that reloaded the weights with every member vector: 2 loads per FMA, make
 // cycles 5.8 slots per class vector for k = 2's 2 FMAs). Each z_c sums in member order, as before.
+// The max over classes rides along in registers (into tl.zmax, as fold_members).
 template <int K>
 inline void awf_mix(const float* __restrict al, const int32_t* mem, int C, Tile& tl, float* __restrict z) {
   constexpr int G = weights_group(K);
   const float* x[K];
   for (int j = 0; j < K; ++j) x[j] = tl.xs(mem[j], 0);
   for (int i0 = 0; i0 < NV; i0 += G) {
-    vf a[K][G];
+    vf a[K][G], m[G];
     for (int j = 0; j < K; ++j)
       for (int i = 0; i < G; ++i) a[j][i] = *(const vf*)(al + (size_t)j * TP + VW * (i0 + i));
-    for (int c = 0; c < C; ++c) {
-      const size_t o = (size_t)c * TP + VW * i0;
-      for (int i = 0; i < G; ++i) {
-        vf acc = a[0][i] * *(const vf*)(x[0] + o + VW * i);
-        for (int j = 1; j < K; ++j) acc += a[j][i] * *(const vf*)(x[j] + o + VW * i);
-        *(vf*)(z + o + VW * i) = acc;
-      }
-    }
+    auto mix = [&](int c, int i) {
+      const size_t o = (size_t)c * TP + VW * (i0 + i);
+      vf acc = a[0][i] * *(const vf*)(x[0] + o);
+      for (int j = 1; j < K; ++j) acc += a[j][i] * *(const vf*)(x[j] + o);
+      *(vf*)(z + o) = acc;
+      return acc;
+    };
+    for (int i = 0; i < G; ++i) m[i] = mix(0, i);
+    for (int c = 1; c < C; ++c)
+      for (int i = 0; i < G; ++i) m[i] = vmax(mix(c, i), m[i]);
+    for (int i = 0; i < G; ++i) *(vf*)(tl.zmax + VW * (i0 + i)) = m[i];
   }
+  tl.zmax_ready = true;
 }
 
 // Build map u of the current tile. Returns a pointer to its C×TP logits (either a stage's
-// buffer for OP_ORIG, or tl.z). For OP_AWF, tl.alpha holds the k×TP attention weights.
+// buffer for OP_ORIG, or tl.z). For OP_AWF, tl.alpha holds the k×TP attention weights. tl.zmax_ready: whether
+// tl.zmax holds their max over classes (add and mult maps of at most MEMBER_UNROLL members, awf maps).
 const float* build_map(const Problem& pr, const Layout& ly, int u, Tile& tl) {
   const int C = ly.C;
   const int op = pr.map_op[u], arg = pr.map_arg[u];
+  tl.zmax_ready = false;
   if (op == OP_ORIG) return tl.xs(arg, 0);
   const int k = pr.subset_size[arg];
   const int32_t* mem = pr.subset_members + ly.sub_start[arg];

@@ -7,9 +7,10 @@ namespace {
 
 // The shifted exponentials of a softmax over classes: m = max_c z (TP), e = exp(z − m) (C×TP) and
 // their sum over classes (TP), summed in class order while they are made (no pass of its own).
+// m_known: m holds the max already (Tile::zmax), no pass for it.
 inline void shifted_exps(const float* __restrict z, int C, float* __restrict e, float* __restrict m,
-                         float* __restrict sum) {
-  for (int i = 0; i < NV; ++i) {  // two running maxima per pixel vector (odd and even classes): half the
+                         float* __restrict sum, bool m_known = false) {
+  for (int i = 0; i < NV && !m_known; ++i) {  // two running maxima per pixel vector (odd and even classes): half the
     vf m0 = *(const vf*)(z + VW * i), m1 = m0;  // dependent chain (benchmarks/cpu_cycles.cpp: 4.2 -> 1.6 slots)
     for (int c = 1; c + 1 < C; c += 2) {
       m0 = vmax(*(const vf*)(z + (size_t)c * TP + VW * i), m0);
@@ -55,6 +56,7 @@ bool finish_softmax(const float* __restrict m, const float* __restrict sum, Tile
 
 // Activation of map logits z (C×TP) into tl.s. Sigmoid: s = σ(z). Softmax: s = exp(z − max),
 // left unnormalized (consumers multiply by tl.inv = 1/Σ_c while they read it), and (with_lse) tl.lse.
+// z is the logits build_map made last (its tl.zmax, where ready, is their max).
 void activate(const Problem& pr, const float* __restrict z, Tile& tl, bool with_lse) {
   const int C = (int)pr.classes;
   float* __restrict s = tl.s.data();
@@ -67,9 +69,9 @@ void activate(const Problem& pr, const float* __restrict z, Tile& tl, bool with_
     }
     return;
   }
-  alignas(ALIGN) float m[TP], sum[TP];
-  shifted_exps(z, C, s, m, sum);
-  finish_softmax(m, sum, tl, with_lse, false);
+  alignas(ALIGN) float sum[TP];
+  shifted_exps(z, C, s, tl.zmax, sum, tl.zmax_ready);  // (the max kept by build_map, or made here)
+  finish_softmax(tl.zmax, sum, tl, with_lse, false);
 }
 
 // exp(x_j − max_c x_j) of stage j alone into tl.ex (the max and the sum into tl.emax, tl.esum), once
