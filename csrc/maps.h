@@ -95,7 +95,7 @@ inline void awf_mix(const float* __restrict al, const int32_t* mem, int C, Tile&
 
 // Build map u of the current tile. Returns a pointer to its C×TP logits (either a stage's
 // buffer for OP_ORIG, or tl.z). For OP_AWF, tl.alpha holds the k×TP attention weights. tl.zmax_ready: whether
-// tl.zmax holds their max over classes (add and mult maps of at most MEMBER_UNROLL members, awf maps).
+// tl.zmax holds their max over classes (add, mult and awf maps of at most MEMBER_UNROLL members).
 const float* build_map(const Problem& pr, const Layout& ly, int u, Tile& tl) {
   const int C = ly.C;
   const int op = pr.map_op[u], arg = pr.map_arg[u];
