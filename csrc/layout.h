@@ -79,6 +79,7 @@ struct Tile {
                                          // column sums (scatter_stage): at most TP + 1 columns, and the permute's
                                          // second table register reads 32 floats from the last
   const float* probs = nullptr;    // the current map's activation: tl.s, or (an original map) its stage's ex
+  std::vector<const float*> cat_inputs;  // the backward's current cat map: its k·C input rows (x rows of its members)
   alignas(ALIGN) float w[TP];
   bool unit_weights = false;       // every w is 1 (a full tile, nothing ignored, no pixel weights): the
                                    // statistics and dL/dz skip their multiplications by w (w·a = a exactly)
@@ -92,7 +93,7 @@ struct Tile {
       score((size_t)max_k * TP), alpha((size_t)max_k * TP), dalpha((size_t)max_k * TP),
       ex((size_t)L_ * C_ * TP), emax((size_t)L_ * TP), esum((size_t)L_ * TP), ex_ready((size_t)L_, 0),
       ce_stage((size_t)L_ * C_ * VW),
-      mix((size_t)C_ * MIX_ROW) {}
+      mix((size_t)C_ * MIX_ROW), cat_inputs((size_t)max_k * C_) {}
   float* xs(int stage, int c) { return &x[((size_t)stage * C + c) * TP]; }
   float* gxs(int stage, int c) { return &gx[((size_t)stage * C + c) * TP]; }
   float* exs(int stage) { return &ex[(size_t)stage * C * TP]; }
