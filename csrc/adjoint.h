@@ -175,7 +175,7 @@ inline void cat_adjoint_rows(const float* W, int K, int j, int c2, int C, const 
 // every input row q = (member j, class c2). DW_XBLOCK = 1 (AVX-512): the NB g rows held in registers, so
 // each x row is loaded once for them. Otherwise NB × NQ sums in registers over the tile's vectors for
 // NQ input rows q0.. at a time, each loaded g and x vector feeding NQ or NB of them.
-// xrows: the map's K input rows (Tile::cat_inputs; a pointer each, no division by C per block).
+// xrows: the map's K input rows (a pointer each: no division by C per block).
 template <int NB, int NQ>
 inline void cat_weight_grad_block(const float* g, int c, int q0, int K, const float* const* xrows, vf* dW) {
   const float* x[NQ];
@@ -193,14 +193,14 @@ inline void cat_weight_grad_block(const float* g, int c, int q0, int K, const fl
     for (int q = 0; q < NQ; ++q) dW[(size_t)(c + b) * K + q0 + q] += acc[b][q];
 }
 
+// xrows (DW_XBLOCK > 1): the map's k·C input rows, made once per map by op_backward.
 template <int NB>
-inline void cat_weight_grad_rows(const float* g, int c, int k, int C, const int32_t* mem, vf* dW, vf* db,
-                                 Tile& tl) {
+inline void cat_weight_grad_rows(const float* g, int c, int k, int C, const int32_t* mem,
+                                 const float* const* xrows, vf* dW, vf* db, Tile& tl) {
   const int K = k * C;
   if constexpr (DW_XBLOCK > 1) {
     for (int b = 0; b < NB; ++b) db[c + b] += row_sum(row_load(g + (size_t)(c + b) * TP));
     int q0 = 0;
-    const float* const* xrows = tl.cat_inputs.data();
     for (; q0 + DW_XBLOCK <= K; q0 += DW_XBLOCK)
       cat_weight_grad_block<NB, DW_XBLOCK>(g, c, q0, K, xrows, dW);
     remainder_block<DW_XBLOCK - 1>(K - q0, q0, [&](auto nq, int q) {
@@ -314,10 +314,13 @@ void op_backward(const Problem& pr, const Layout& ly, int u, Tile& tl, vf* dpara
       const float* W = pr.cat_w + ly.cat_w_off[arg];
       vf* dW = dparams + ly.cat_w_off[arg];
       vf* db = dparams + ly.cat_w_n + ly.cat_b_off[arg];
+      const float** xrows = tl.cat_inputs.data();
       if constexpr (DW_XBLOCK > 1)
         for (int j = 0, q = 0; j < k; ++j)
-          for (int c2 = 0; c2 < C; ++c2) tl.cat_inputs[q++] = tl.xs(mem[j], c2);
-      for_row_blocks<DW_BLOCK>(C, [&](auto nb, int c) { cat_weight_grad_rows<nb()>(g, c, k, C, mem, dW, db, tl); });
+          for (int c2 = 0; c2 < C; ++c2) xrows[q++] = tl.xs(mem[j], c2);
+      for_row_blocks<DW_BLOCK>(C, [&](auto nb, int c) {
+        cat_weight_grad_rows<nb()>(g, c, k, C, mem, xrows, dW, db, tl);
+      });
       for (int j = 0; j < k; ++j)
         for_row_blocks<CAT_BLOCK>(C, [&](auto nb, int c2) { cat_adjoint_rows<nb()>(W, K, j, c2, C, mem, g, tl); });
       break;
